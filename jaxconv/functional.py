@@ -1,0 +1,435 @@
+"""Pure forward ops, channels-last, built on ``jax.lax``.
+
+Layouts: activations ``[N, *spatial, C]``; kernels ``[*kernel, C_in // groups, C_out]`` (HWIO).
+Every option is validated here, at the Python boundary, so a bad call raises a ``ValueError`` or
+``TypeError`` naming the function and argument before anything reaches XLA. Shapes and options
+are static under ``jax.jit``, so these checks cost nothing in a compiled step.
+
+Output size along one spatial axis, for conv and pooling alike::
+
+    out = floor((W + P_lo + P_hi - M) / S) + 1,   M = K + (K - 1)(D - 1)
+
+with input size W, kernel/window K, stride S, dilation D and padding (P_lo, P_hi).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Padding = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
+
+_SPATIAL_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def int_tuple(value, n: int, *, fn: str, name: str, minimum: int = 1) -> tuple[int, ...]:
+    """An int (the same on every axis) or a length-``n`` sequence of ints, each ``>= minimum``."""
+    if _is_int(value):
+        values = (int(value),) * n
+    elif isinstance(value, (tuple, list)) and all(_is_int(v) for v in value):
+        if len(value) != n:
+            raise ValueError(
+                f"{fn}: `{name}` must have one entry per spatial axis ({n}), got {len(value)}: {tuple(value)}"
+            )
+        values = tuple(int(v) for v in value)
+    else:
+        raise TypeError(f"{fn}: `{name}` must be an int or a sequence of {n} ints, got {value!r}")
+    bad = [v for v in values if v < minimum]
+    if bad:
+        raise ValueError(f"{fn}: `{name}` must be >= {minimum} on every axis, got {values}")
+    return values
+
+
+def _check_array(x, *, fn: str, name: str, min_rank: int | None = None, rank: int | None = None):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{fn}: `{name}` must be an array, got {type(x).__name__}")
+    if rank is not None and x.ndim != rank:
+        raise ValueError(f"{fn}: `{name}` must have rank {rank}, got rank {x.ndim} (shape {tuple(x.shape)})")
+    if min_rank is not None and x.ndim < min_rank:
+        raise ValueError(
+            f"{fn}: `{name}` must have rank >= {min_rank}, got rank {x.ndim} (shape {tuple(x.shape)})"
+        )
+
+
+def _check_float(x, *, fn: str, name: str):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{fn}: `{name}` must be a floating-point array, got dtype {x.dtype}; "
+            f"convert it first, e.g. `{name}.astype(jnp.float32) / 255`"
+        )
+
+
+def _spatial_rank(x, *, fn: str, allowed: Sequence[int] = (1, 2, 3)) -> int:
+    _check_array(x, fn=fn, name="x", min_rank=3)
+    n = x.ndim - 2
+    if n not in allowed:
+        raise ValueError(
+            f"{fn}: `x` must be [N, *spatial, C] with {'/'.join(map(str, allowed))} spatial axes, "
+            f"got rank {x.ndim} (shape {tuple(x.shape)})"
+        )
+    return n
+
+
+# --------------------------------------------------------------------------- padding
+
+
+def effective_kernel(kernel: int, dilation: int) -> int:
+    """``M = K + (K - 1)(D - 1)``: the span of a dilated kernel."""
+    return kernel + (kernel - 1) * (dilation - 1)
+
+
+def resolve_padding(
+    padding: Padding,
+    *,
+    fn: str,
+    in_spatial: Sequence[int],
+    window: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int] | None = None,
+) -> tuple[tuple[int, int], ...]:
+    """Turn any accepted padding spec into one ``(lo, hi)`` pair per spatial axis.
+
+    Accepted: ``"VALID"``; ``"SAME"`` (TensorFlow/JAX: ``out = ceil(W / S)``, the extra pixel of an
+    odd total goes to the high side); ``"CAUSAL"`` (1-D only: ``(M - 1, 0)``); an int (symmetric, as
+    in PyTorch); a per-axis sequence of ints; or per-axis ``(lo, hi)`` pairs. Negative padding
+    (cropping) is refused.
+    """
+    n = len(in_spatial)
+    dilation = tuple(dilation) if dilation is not None else (1,) * n
+    spans = [effective_kernel(k, d) for k, d in zip(window, dilation)]
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return ((0, 0),) * n
+        if mode == "SAME":
+            pairs = []
+            for w_in, m, s in zip(in_spatial, spans, stride):
+                out = -(-w_in // s)
+                total = max((out - 1) * s + m - w_in, 0)
+                pairs.append((total // 2, total - total // 2))
+            return tuple(pairs)
+        if mode == "CAUSAL":
+            if n != 1:
+                raise ValueError(f"{fn}: `padding`='CAUSAL' is only defined for 1-D inputs, got {n} spatial axes")
+            return ((spans[0] - 1, 0),)
+        raise ValueError(
+            f"{fn}: `padding` must be 'VALID', 'SAME', 'CAUSAL', an int, or per-axis ints/(lo, hi) pairs; "
+            f"got unknown string {padding!r}"
+        )
+    if _is_int(padding):
+        pairs = ((int(padding), int(padding)),) * n
+    elif isinstance(padding, (tuple, list)):
+        if len(padding) != n:
+            raise ValueError(
+                f"{fn}: `padding` must have one entry per spatial axis ({n}), got {len(padding)}: {padding!r}"
+            )
+        pairs = []
+        for p in padding:
+            if _is_int(p):
+                pairs.append((int(p), int(p)))
+            elif isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(v) for v in p):
+                pairs.append((int(p[0]), int(p[1])))
+            else:
+                raise TypeError(f"{fn}: each `padding` entry must be an int or an (lo, hi) pair of ints, got {p!r}")
+        pairs = tuple(pairs)
+    else:
+        raise TypeError(f"{fn}: `padding` must be a string, an int or a sequence, got {type(padding).__name__}")
+    if any(v < 0 for pair in pairs for v in pair):
+        raise ValueError(f"{fn}: `padding` must be >= 0 (cropping is not supported), got {pairs}")
+    return pairs
+
+
+def _check_fits(fn: str, in_spatial, pads, window, dilation, what: str = "kernel"):
+    for axis, (w_in, (lo, hi), k, d) in enumerate(zip(in_spatial, pads, window, dilation)):
+        m = effective_kernel(k, d)
+        if w_in + lo + hi < m:
+            raise ValueError(
+                f"{fn}: {what} span {m} (K={k}, dilation={d}) on spatial axis {axis} is larger than the "
+                f"padded input {w_in + lo + hi} (size {w_in} + padding {lo}+{hi})"
+            )
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def conv_dimension_numbers(n_spatial: int) -> tuple[str, str, str]:
+    """``("NHWC", "HWIO", "NHWC")`` and its 1-D/3-D twins."""
+    s = _SPATIAL_LETTERS[n_spatial]
+    return f"N{s}C", f"{s}IO", f"N{s}C"
+
+
+def conv_geometry(x, w, *, fn, stride, padding, dilation, groups):
+    """Validate a conv call; return ``(stride, pads, dilation)`` as per-axis tuples."""
+    n = _spatial_rank(x, fn=fn)
+    _check_array(w, fn=fn, name="w", rank=n + 2)
+    _check_float(x, fn=fn, name="x")
+    _check_float(w, fn=fn, name="w")
+    if not _is_int(groups) or groups < 1:
+        raise ValueError(f"{fn}: `groups` must be a positive int, got {groups!r}")
+    c_in, c_out = x.shape[-1], w.shape[-1]
+    if c_in % groups:
+        raise ValueError(f"{fn}: `x.shape[-1]` (C_in={c_in}) must be divisible by `groups` (={groups})")
+    if c_out % groups:
+        raise ValueError(f"{fn}: `w.shape[-1]` (C_out={c_out}) must be divisible by `groups` (={groups})")
+    if c_in != w.shape[-2] * groups:
+        raise ValueError(
+            f"{fn}: `x.shape[-1]` (={c_in}) must equal `w.shape[-2] * groups` (={w.shape[-2]} * {groups} "
+            f"= {w.shape[-2] * groups})"
+        )
+    stride = int_tuple(stride, n, fn=fn, name="stride")
+    dilation = int_tuple(dilation, n, fn=fn, name="dilation")
+    kernel = tuple(w.shape[:n])
+    pads = resolve_padding(padding, fn=fn, in_spatial=x.shape[1:-1], window=kernel, stride=stride, dilation=dilation)
+    _check_fits(fn, x.shape[1:-1], pads, kernel, dilation)
+    return stride, pads, dilation
+
+
+def _check_bias(b, c_out: int, *, fn: str):
+    if b is None:
+        return
+    _check_array(b, fn=fn, name="b", rank=1)
+    if b.shape[0] != c_out:
+        raise ValueError(f"{fn}: `b` must have shape ({c_out},) to match the outputs, got {tuple(b.shape)}")
+
+
+def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, groups: int = 1, precision=None):
+    """N-d convolution (cross-correlation, as in every deep-learning library).
+
+    Args:
+      x: ``[N, *spatial, C_in]`` floating input (1, 2 or 3 spatial axes).
+      w: ``[*kernel, C_in // groups, C_out]``.
+      b: optional ``[C_out]`` bias.
+      stride, dilation: int or one per spatial axis, >= 1.
+      padding: see :func:`resolve_padding`.
+      groups: ``C_in`` and ``C_out`` are split into this many independent groups.
+      precision: passed to ``lax.conv_general_dilated`` (``lax.Precision.HIGHEST`` for exact fp32).
+    Returns:
+      ``[N, *out_spatial, C_out]`` with ``out = floor((W + P_lo + P_hi - M) / S) + 1``.
+    """
+    fn = "conv"
+    stride, pads, dilation = conv_geometry(x, w, fn=fn, stride=stride, padding=padding, dilation=dilation,
+                                           groups=groups)
+    _check_bias(b, w.shape[-1], fn=fn)
+    y = lax.conv_general_dilated(
+        x, w, window_strides=stride, padding=pads, rhs_dilation=dilation,
+        dimension_numbers=conv_dimension_numbers(x.ndim - 2), feature_group_count=groups, precision=precision,
+    )
+    return y if b is None else y + b.astype(y.dtype)
+
+
+def conv1d(x, w, b=None, **options):
+    """:func:`conv` for ``x: [N, W, C_in]``, ``w: [K, C_in // groups, C_out]``."""
+    _spatial_rank(x, fn="conv1d", allowed=(1,))
+    return conv(x, w, b, **options)
+
+
+def conv2d(x, w, b=None, **options):
+    """:func:`conv` for ``x: [N, H, W, C_in]``, ``w: [KH, KW, C_in // groups, C_out]``."""
+    _spatial_rank(x, fn="conv2d", allowed=(2,))
+    return conv(x, w, b, **options)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def pool_geometry(x, window, *, fn, stride, padding):
+    """Validate a pooling call; return ``(window, stride, pads)`` as per-axis tuples."""
+    n = _spatial_rank(x, fn=fn)
+    window = int_tuple(window, n, fn=fn, name="window")
+    stride = window if stride is None else int_tuple(stride, n, fn=fn, name="stride")
+    pads = resolve_padding(padding, fn=fn, in_spatial=x.shape[1:-1], window=window, stride=stride)
+    _check_fits(fn, x.shape[1:-1], pads, window, (1,) * n, what="window")
+    return window, stride, pads
+
+
+def _full(spatial):
+    """Per-spatial-axis values extended with 1 for the batch and channel axes."""
+    return (1,) + tuple(spatial) + (1,)
+
+
+def max_pool(x, window, *, stride=None, padding: Padding = "VALID"):
+    """Max over each window; padding counts as ``-inf``.
+
+    Args:
+      x: ``[N, *spatial, C]``. window: int or one per spatial axis.
+      stride: defaults to ``window`` (non-overlapping windows).
+    Returns:
+      ``[N, *out_spatial, C]``, sizes as for :func:`conv` with dilation 1.
+    """
+    window, stride, pads = pool_geometry(x, window, fn="max_pool", stride=stride, padding=padding)
+    init = jnp.array(-jnp.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+    return lax.reduce_window(x, init, lax.max, _full(window), _full(stride), ((0, 0),) + pads + ((0, 0),))
+
+
+def window_counts(in_spatial, window, stride, pads):
+    """How many real (non-padding) elements each pooling window covers: ``[*out_spatial]`` numpy."""
+    ones = np.ones(in_spatial, np.float64)
+    padded = np.pad(ones, pads)
+    out = [(w + lo + hi - k) // s + 1 for w, (lo, hi), k, s in zip(in_spatial, pads, window, stride)]
+    counts = np.zeros(out)
+    for offset in np.ndindex(*window):
+        idx = tuple(slice(o, o + s * (m - 1) + 1, s) for o, s, m in zip(offset, stride, out))
+        counts += padded[idx]
+    return counts
+
+
+def avg_pool(x, window, *, stride=None, padding: Padding = "VALID", count_include_pad: bool = True):
+    """Mean over each window, zero padding.
+
+    ``count_include_pad=True`` divides every window by its full size (PyTorch's default);
+    ``False`` divides by the number of real elements it covers.
+    """
+    fn = "avg_pool"
+    window, stride, pads = pool_geometry(x, window, fn=fn, stride=stride, padding=padding)
+    _check_float(x, fn=fn, name="x")
+    summed = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, _full(window), _full(stride),
+                               ((0, 0),) + pads + ((0, 0),))
+    if count_include_pad:
+        return summed / math.prod(window)
+    counts = window_counts(x.shape[1:-1], window, stride, pads)
+    return summed / jnp.asarray(counts, x.dtype)[None, ..., None]
+
+
+def global_avg_pool(x):
+    """Mean over every spatial axis: ``[N, *spatial, C] -> [N, C]``."""
+    _check_array(x, fn="global_avg_pool", name="x", min_rank=3)
+    return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+
+
+# --------------------------------------------------------------------------- dense, activations, reshapes
+
+
+def dense(x, w, b=None, *, precision=None):
+    """Affine map ``x @ w + b``. x: ``[N, D_in]``, w: ``[D_in, D_out]``, b: ``[D_out]``."""
+    fn = "dense"
+    _check_array(x, fn=fn, name="x", rank=2)
+    _check_array(w, fn=fn, name="w", rank=2)
+    _check_float(x, fn=fn, name="x")
+    if x.shape[1] != w.shape[0]:
+        raise ValueError(f"dense: `x.shape[1]` (={x.shape[1]}) must equal `w.shape[0]` (={w.shape[0]})")
+    _check_bias(b, w.shape[1], fn=fn)
+    y = jnp.dot(x, w, precision=precision)
+    return y if b is None else y + b.astype(y.dtype)
+
+
+def relu(x):
+    """``max(x, 0)`` with derivative 0 at 0 (``jnp.maximum`` would give 0.5 there)."""
+    return jnp.where(x > 0, x, jnp.zeros_like(x))
+
+
+def flatten(x):
+    """``[N, ...] -> [N, prod(...)]``."""
+    _check_array(x, fn="flatten", name="x", min_rank=1)
+    return jnp.reshape(x, (x.shape[0], -1))
+
+
+def log_softmax(x, axis: int = -1):
+    """Numerically stable ``x - logsumexp(x)``."""
+    shifted = x - lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+    return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True))
+
+
+def softmax(x, axis: int = -1):
+    """Numerically stable softmax."""
+    return jnp.exp(log_softmax(x, axis=axis))
+
+
+def smoothed_targets(labels, num_classes: int, label_smoothing: float, dtype):
+    """``(1 - eps) * onehot(y) + eps / K``."""
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype)
+    return onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+
+
+def _check_labels(logits, labels, label_smoothing, *, fn):
+    _check_array(logits, fn=fn, name="logits", rank=2)
+    _check_array(labels, fn=fn, name="labels", rank=1)
+    _check_float(logits, fn=fn, name="logits")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"{fn}: `labels` must be integer class indices, got dtype {labels.dtype}")
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"{fn}: `labels` has {labels.shape[0]} entries but `logits` has {logits.shape[0]} rows")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"{fn}: `label_smoothing` must be in [0, 1), got {label_smoothing}")
+    if not isinstance(labels, jax.core.Tracer):
+        values = np.asarray(labels)
+        k = logits.shape[1]
+        if values.size and (values.min() < 0 or values.max() >= k):
+            raise ValueError(
+                f"{fn}: `labels` must lie in [0, {k - 1}] for {k} classes, got values in "
+                f"[{values.min()}, {values.max()}]"
+            )
+
+
+def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, reduction: str = "mean"):
+    """Softmax cross-entropy with integer labels.
+
+    Args:
+      logits: ``[N, K]`` floats. labels: ``[N]`` ints in ``[0, K)`` (checked when concrete).
+      label_smoothing: target ``(1 - eps) * onehot + eps / K``.
+      reduction: ``"mean"`` over the batch (default), ``"sum"`` or ``"none"`` (``[N]``).
+    """
+    fn = "cross_entropy"
+    _check_labels(logits, labels, label_smoothing, fn=fn)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{fn}: `reduction` must be 'mean', 'sum' or 'none', got {reduction!r}")
+    targets = smoothed_targets(labels, logits.shape[1], label_smoothing, logits.dtype)
+    per_example = -jnp.sum(targets * log_softmax(logits), axis=-1)
+    if reduction == "none":
+        return per_example
+    return jnp.sum(per_example) if reduction == "sum" else jnp.mean(per_example)
+
+
+# --------------------------------------------------------------------------- normalisation, dropout
+
+
+def batch_norm(x, scale, bias, mean, var, *, epsilon: float = 1e-5):
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the channel axis (the last)."""
+    _check_array(x, fn="batch_norm", name="x", min_rank=2)
+    c = x.shape[-1]
+    for name, v in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var)):
+        if tuple(v.shape) != (c,):
+            raise ValueError(f"batch_norm: `{name}` must have shape ({c},) to match `x.shape[-1]`, got {tuple(v.shape)}")
+    inv = lax.rsqrt(var + epsilon) * scale
+    return (x - mean) * inv + bias
+
+
+def batch_moments(x):
+    """Per-channel mean and biased variance over every axis but the last."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    var = jnp.mean(jnp.square(x - mean), axis=axes)
+    return mean, var
+
+
+def batch_norm_train(x, scale, bias, *, epsilon: float = 1e-5):
+    """:func:`batch_norm` with the statistics of this batch (training mode)."""
+    mean, var = batch_moments(x)
+    return batch_norm(x, scale, bias, mean, var, epsilon=epsilon)
+
+
+def dropout(x, key, *, drop_rate: float, deterministic: bool = False):
+    """Inverted dropout: zero each element with probability ``drop_rate``, scale the rest by ``1/(1-p)``."""
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"dropout: `drop_rate` must be in [0, 1), got {drop_rate}")
+    if deterministic or drop_rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - drop_rate, x.shape)
+    return jnp.where(keep, x / (1.0 - drop_rate), jnp.zeros_like(x))
+
+
+__all__ = [
+    "conv", "conv1d", "conv2d", "max_pool", "avg_pool", "global_avg_pool", "dense", "relu", "flatten",
+    "log_softmax", "softmax", "cross_entropy", "batch_norm", "batch_norm_train", "batch_moments", "dropout", "resolve_padding",
+    "effective_kernel",
+]

@@ -1,0 +1,349 @@
+"""Hand-written backward passes, one per op in :mod:`jaxconv.functional`.
+
+Convention: ``op_vjp(g, <the forward's positional arguments>, **<its keyword options>)`` returns
+the cotangent of each differentiable array argument (a tuple when there is more than one), where
+``g`` is the upstream gradient of the forward's output. No Jacobian is ever formed, and nothing
+here calls ``jax.grad``/``jax.vjp``: each rule is the closed-form "upstream times local
+derivative" of the lectures, expressed with ``jax.lax``.
+
+:func:`manual` wraps a forward op in ``jax.custom_vjp`` so that autodiff runs these rules
+instead of its own; layers built with ``grad="manual"`` use it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxconv import functional as F
+
+
+def _check_g(g, expected_shape, *, fn: str):
+    if not hasattr(g, "shape"):
+        raise TypeError(f"{fn}: `g` must be an array, got {type(g).__name__}")
+    if tuple(g.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"{fn}: `g` must have the forward output's shape {tuple(expected_shape)}, got {tuple(g.shape)}"
+        )
+
+
+def _out_spatial(in_spatial, pads, window, stride, dilation):
+    return tuple(
+        (w + lo + hi - F.effective_kernel(k, d)) // s + 1
+        for w, (lo, hi), k, s, d in zip(in_spatial, pads, window, stride, dilation)
+    )
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: int = 1, precision=None):
+    """Cotangents ``(dx, dw, db)`` of :func:`jaxconv.functional.conv`.
+
+    Per spatial axis, with input size W, kernel K, stride S, dilation D, padding (P_lo, P_hi),
+    effective kernel ``M = K + (K-1)(D-1)`` and output size O, the forward is
+    ``y[o] = sum_k x[o*S + k*D - P_lo] w[k]``.
+
+    **dx** — every x[i] receives ``g[o] w[k]`` where ``o*S + k*D = i + P_lo``. Spread g out by S
+    (``lhs_dilation = S``: S-1 zeros between entries, length ``(O-1)S + 1``) and correlate it with
+    the spatially flipped kernel at ``rhs_dilation = D``. Substituting ``k' = K-1-k`` gives
+    ``dx[i] = sum_k' g_dil[i + k'D - (M-1-P_lo)] w[K-1-k']``, so the padding of g_dil is::
+
+        lo = M - 1 - P_lo,      hi = W - 1 + P_lo - (O-1)S
+
+    (hi makes the output exactly W long; either may be negative, which crops). In/out channels
+    swap: with groups G the kernel ``[*K, C_in/G, C_out]`` is regrouped to ``[*K, C_out/G, C_in]``
+    so each group's block is transposed on its own, and ``feature_group_count = G``.
+
+    **dw** — ``dw[k, i, c] = sum_{n,o} x_pad[n, o*S + k*D, i] g[n, o, c]``: a correlation of x with
+    g over positions, contracting the batch axis. x is read with its channel axis as "batch" and
+    its batch axis as "feature"; g is the kernel with ``rhs_dilation = S``; the window stride is
+    D. The output length ``(W + P_lo + hi' - ((O-1)S + 1)) // D + 1`` must be K, so::
+
+        lo' = P_lo,             hi' = (O-1)S + M - W - P_lo   (<= P_hi: rows no output used are cut)
+
+    With groups, ``batch_group_count = G`` pairs input-channel group j with output group j.
+
+    **db** — g summed over every axis but the last.
+    """
+    fn = "conv_vjp"
+    stride, pads, dilation = F.conv_geometry(x, w, fn=fn, stride=stride, padding=padding, dilation=dilation,
+                                             groups=groups)
+    n = x.ndim - 2
+    kernel = tuple(w.shape[:n])
+    in_spatial = tuple(x.shape[1:-1])
+    out_spatial = _out_spatial(in_spatial, pads, kernel, stride, dilation)
+    _check_g(g, (x.shape[0], *out_spatial, w.shape[-1]), fn=fn)
+    spans = [F.effective_kernel(k, d) for k, d in zip(kernel, dilation)]
+    lhs_spec, rhs_spec, out_spec = F.conv_dimension_numbers(n)
+    s = lhs_spec[1:-1]
+
+    # dx: transposed convolution of g.
+    c_in_g, c_out = w.shape[-2], w.shape[-1]
+    c_out_g = c_out // groups
+    w_t = w.reshape(*kernel, c_in_g, groups, c_out_g)
+    w_t = jnp.moveaxis(w_t, (-3, -2, -1), (-1, -2, -3)).reshape(*kernel, c_out_g, groups * c_in_g)
+    w_t = jnp.flip(w_t, axis=tuple(range(n)))
+    dx_pads = [(m - 1 - lo, wi - 1 + lo - (o - 1) * st)
+               for m, (lo, _), wi, o, st in zip(spans, pads, in_spatial, out_spatial, stride)]
+    dx = lax.conv_general_dilated(
+        g, w_t.astype(g.dtype), window_strides=(1,) * n, padding=dx_pads, lhs_dilation=stride,
+        rhs_dilation=dilation, dimension_numbers=(lhs_spec, rhs_spec, out_spec),
+        feature_group_count=groups, precision=precision,
+    )
+
+    # dw: correlation of x with g, batch contracted.
+    dw_pads = [(lo, (o - 1) * st + m - wi - lo)
+               for m, (lo, _), wi, o, st in zip(spans, pads, in_spatial, out_spatial, stride)]
+    dw = lax.conv_general_dilated(
+        x, g.astype(x.dtype), window_strides=dilation, padding=dw_pads, rhs_dilation=stride,
+        dimension_numbers=(f"C{s}N", f"I{s}O", f"{s}NC"), batch_group_count=groups, precision=precision,
+    )
+    db = jnp.sum(g, axis=tuple(range(g.ndim - 1)))
+    return dx.astype(x.dtype), dw.astype(w.dtype), db
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def _window_slices(shape_padded, window, stride, out_spatial):
+    """For each window offset: the strided slice of the padded input that offset reads."""
+    n_batch, *_, c = shape_padded
+    for offset in np.ndindex(*window):
+        start = (0, *offset, 0)
+        limit = (n_batch, *[o + s * (m - 1) + 1 for o, s, m in zip(offset, stride, out_spatial)], c)
+        yield offset, start, limit, (1, *stride, 1)
+
+
+def _scatter_to_window(values, offset, stride, shape_padded):
+    """Place ``values[o]`` at padded position ``offset + o*S`` (zeros elsewhere): transpose of a slice."""
+    config = [(0, 0, 0)]
+    for off, s, m, size in zip(offset, stride, values.shape[1:-1], shape_padded[1:-1]):
+        config.append((off, size - off - s * (m - 1) - 1, s - 1))
+    config.append((0, 0, 0))
+    return lax.pad(values, jnp.array(0, values.dtype), config)
+
+
+def _crop(x_padded, pads):
+    idx = (slice(None),) + tuple(slice(lo, x_padded.shape[i + 1] - hi) for i, (lo, hi) in enumerate(pads))
+    return x_padded[idx + (slice(None),)]
+
+
+def max_pool_vjp(g, x, window, *, stride=None, padding="VALID"):
+    """Cotangent of :func:`jaxconv.functional.max_pool`.
+
+    Each window's gradient goes to its first maximum in row-major window order (as JAX autodiff
+    does); where windows overlap, the contributions add.
+    """
+    fn = "max_pool_vjp"
+    window, stride, pads = F.pool_geometry(x, window, fn=fn, stride=stride, padding=padding)
+    out_spatial = _out_spatial(x.shape[1:-1], pads, window, stride, (1,) * len(window))
+    _check_g(g, (x.shape[0], *out_spatial, x.shape[-1]), fn=fn)
+    x_pad = jnp.pad(x, ((0, 0),) + pads + ((0, 0),), constant_values=-jnp.inf)
+    y = F.max_pool(x, window, stride=stride, padding=padding)
+    found = jnp.zeros(y.shape, bool)
+    dx_pad = jnp.zeros(x_pad.shape, g.dtype)
+    for offset, start, limit, strides in _window_slices(x_pad.shape, window, stride, out_spatial):
+        hit = (lax.slice(x_pad, start, limit, strides) == y) & ~found
+        found = found | hit
+        dx_pad = dx_pad + _scatter_to_window(jnp.where(hit, g, 0), offset, stride, x_pad.shape)
+    return _crop(dx_pad, pads).astype(x.dtype)
+
+
+def avg_pool_vjp(g, x, window, *, stride=None, padding="VALID", count_include_pad: bool = True):
+    """Cotangent of :func:`jaxconv.functional.avg_pool`: each window spreads ``g / divisor`` evenly."""
+    fn = "avg_pool_vjp"
+    window, stride, pads = F.pool_geometry(x, window, fn=fn, stride=stride, padding=padding)
+    out_spatial = _out_spatial(x.shape[1:-1], pads, window, stride, (1,) * len(window))
+    _check_g(g, (x.shape[0], *out_spatial, x.shape[-1]), fn=fn)
+    if count_include_pad:
+        share = g / math.prod(window)
+    else:
+        counts = F.window_counts(x.shape[1:-1], window, stride, pads)
+        share = g / jnp.asarray(counts, g.dtype)[None, ..., None]
+    padded_shape = (x.shape[0], *[w + lo + hi for w, (lo, hi) in zip(x.shape[1:-1], pads)], x.shape[-1])
+    dx_pad = jnp.zeros(padded_shape, g.dtype)
+    for offset, *_ in _window_slices(padded_shape, window, stride, out_spatial):
+        dx_pad = dx_pad + _scatter_to_window(share, offset, stride, padded_shape)
+    return _crop(dx_pad, pads).astype(x.dtype)
+
+
+def global_avg_pool_vjp(g, x):
+    """Cotangent of :func:`jaxconv.functional.global_avg_pool`: ``g / (H*W)`` broadcast over space."""
+    F.global_avg_pool(x)
+    _check_g(g, (x.shape[0], x.shape[-1]), fn="global_avg_pool_vjp")
+    spatial = x.shape[1:-1]
+    g = g.reshape(g.shape[0], *(1,) * len(spatial), g.shape[-1]) / math.prod(spatial)
+    return jnp.broadcast_to(g, x.shape).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- dense, activations, reshapes
+
+
+def dense_vjp(g, x, w, b=None, *, precision=None):
+    """Cotangents ``(dx, dw, db)`` of :func:`jaxconv.functional.dense`: ``g w^T``, ``x^T g``, ``sum_n g``."""
+    fn = "dense_vjp"
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"{fn}: `x` [N, D_in] and `w` [D_in, D_out] do not match: {tuple(x.shape)}, {tuple(w.shape)}")
+    _check_g(g, (x.shape[0], w.shape[1]), fn=fn)
+    dx = jnp.dot(g, w.T.astype(g.dtype), precision=precision)
+    dw = jnp.dot(x.T.astype(g.dtype), g, precision=precision)
+    return dx.astype(x.dtype), dw.astype(w.dtype), jnp.sum(g, axis=0)
+
+
+def relu_vjp(g, x):
+    """Cotangent of :func:`jaxconv.functional.relu`: g where ``x > 0``, else 0 (also at 0)."""
+    _check_g(g, x.shape, fn="relu_vjp")
+    return jnp.where(x > 0, g, jnp.zeros_like(g))
+
+
+def flatten_vjp(g, x):
+    """Cotangent of :func:`jaxconv.functional.flatten`: g reshaped back to x's shape."""
+    _check_g(g, (x.shape[0], math.prod(x.shape[1:])), fn="flatten_vjp")
+    return g.reshape(x.shape)
+
+
+def log_softmax_vjp(g, x, axis: int = -1):
+    """Cotangent of :func:`jaxconv.functional.log_softmax`: ``g - softmax(x) * sum(g)``."""
+    _check_g(g, x.shape, fn="log_softmax_vjp")
+    return g - F.softmax(x, axis=axis) * jnp.sum(g, axis=axis, keepdims=True)
+
+
+def softmax_vjp(g, x, axis: int = -1):
+    """Cotangent of :func:`jaxconv.functional.softmax`: ``s * (g - sum(g * s))``."""
+    _check_g(g, x.shape, fn="softmax_vjp")
+    s = F.softmax(x, axis=axis)
+    return s * (g - jnp.sum(g * s, axis=axis, keepdims=True))
+
+
+def cross_entropy_vjp(g, logits, labels, *, label_smoothing: float = 0.0, reduction: str = "mean"):
+    """Fused cotangent of :func:`jaxconv.functional.cross_entropy` w.r.t. the logits.
+
+    ``(softmax(z) - q) * g / N`` for the mean, ``* g`` for the sum, ``* g[:, None]`` for
+    ``reduction="none"``, with ``q = (1 - eps) onehot(y) + eps / K``.
+    """
+    fn = "cross_entropy_vjp"
+    F._check_labels(logits, labels, label_smoothing, fn=fn)
+    g = jnp.asarray(g, logits.dtype)
+    _check_g(g, (logits.shape[0],) if reduction == "none" else (), fn=fn)
+    q = F.smoothed_targets(labels, logits.shape[1], label_smoothing, logits.dtype)
+    diff = F.softmax(logits) - q
+    if reduction == "none":
+        return diff * g[:, None]
+    return diff * (g / logits.shape[0] if reduction == "mean" else g)
+
+
+# --------------------------------------------------------------------------- normalisation, dropout
+
+
+def batch_norm_vjp(g, x, scale, bias, mean, var, *, epsilon: float = 1e-5):
+    """Cotangents ``(dx, dscale, dbias, dmean, dvar)`` of :func:`jaxconv.functional.batch_norm`
+    with the statistics as inputs (inference mode)."""
+    _check_g(g, x.shape, fn="batch_norm_vjp")
+    axes = tuple(range(x.ndim - 1))
+    inv = lax.rsqrt(var + epsilon)
+    x_hat = (x - mean) * inv
+    dx = g * (scale * inv)
+    dscale = jnp.sum(g * x_hat, axis=axes)
+    dbias = jnp.sum(g, axis=axes)
+    dmean = -jnp.sum(dx, axis=axes)
+    dvar = -0.5 * dscale * scale / (var + epsilon)
+    return dx, dscale, dbias, dmean, dvar
+
+
+def batch_norm_train_vjp(g, x, scale, bias, *, epsilon: float = 1e-5):
+    """Cotangents ``(dx, dscale, dbias)`` of :func:`jaxconv.functional.batch_norm_train`.
+
+    With ``x_hat = (x - mu) / sigma`` over the m = N*H*W positions of each channel and
+    ``d = g * scale``: ``dx = (d - mean(d) - x_hat * mean(d * x_hat)) / sigma``.
+    """
+    _check_g(g, x.shape, fn="batch_norm_train_vjp")
+    axes = tuple(range(x.ndim - 1))
+    mean, var = F.batch_moments(x)
+    inv = lax.rsqrt(var + epsilon)
+    x_hat = (x - mean) * inv
+    dscale = jnp.sum(g * x_hat, axis=axes)
+    dbias = jnp.sum(g, axis=axes)
+    m = math.prod(x.shape[:-1])
+    dx = (scale * inv) * (g - dbias / m - x_hat * (dscale / m))
+    return dx, dscale, dbias
+
+
+def dropout_vjp(g, x, key, *, drop_rate: float, deterministic: bool = False):
+    """Cotangent of :func:`jaxconv.functional.dropout`: the same mask (regenerated from ``key``)."""
+    _check_g(g, x.shape, fn="dropout_vjp")
+    return F.dropout(g, key, drop_rate=drop_rate, deterministic=deterministic)
+
+
+# --------------------------------------------------------------------------- custom_vjp wrappers
+
+# forward op -> (its vjp, how many leading positional arguments are arrays, how many of those
+# get a cotangent). Array arguments past that count (labels, PRNG keys) get none.
+_RULES = {
+    F.conv: (conv_vjp, 3, 3),
+    F.conv1d: (conv_vjp, 3, 3),
+    F.conv2d: (conv_vjp, 3, 3),
+    F.max_pool: (max_pool_vjp, 1, 1),
+    F.avg_pool: (avg_pool_vjp, 1, 1),
+    F.global_avg_pool: (global_avg_pool_vjp, 1, 1),
+    F.dense: (dense_vjp, 3, 3),
+    F.relu: (relu_vjp, 1, 1),
+    F.flatten: (flatten_vjp, 1, 1),
+    F.log_softmax: (log_softmax_vjp, 1, 1),
+    F.softmax: (softmax_vjp, 1, 1),
+    F.cross_entropy: (cross_entropy_vjp, 2, 1),
+    F.batch_norm: (batch_norm_vjp, 5, 5),
+    F.batch_norm_train: (batch_norm_train_vjp, 3, 3),
+    F.dropout: (dropout_vjp, 2, 1),
+}
+
+
+def vjp_of(forward):
+    """The hand-written vjp of a forward op from :mod:`jaxconv.functional`."""
+    try:
+        return _RULES[forward][0]
+    except KeyError:
+        raise ValueError(f"vjp_of: no hand-written backward registered for {getattr(forward, '__name__', forward)!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def manual(forward):
+    """``forward`` with its backward pass replaced by the hand-written rule, via ``jax.custom_vjp``.
+
+    ``manual(F.conv)(x, w, b, stride=2)`` computes the same values as ``F.conv``; under
+    ``jax.grad`` its cotangents come from :func:`conv_vjp`.
+    """
+    if forward not in _RULES:
+        vjp_of(forward)
+    vjp, n_arrays, n_diff = _RULES[forward]
+
+    @functools.wraps(forward)
+    def op(*args, **options):
+        arrays, rest = list(args[:n_arrays]), args[n_arrays:]
+        present = [a is not None for a in arrays]
+
+        def full(arrs):
+            it = iter(arrs)
+            return [next(it) if p else None for p in present]
+
+        @jax.custom_vjp
+        def f(*arrs):
+            return forward(*full(arrs), *rest, **options)
+
+        def f_fwd(*arrs):
+            return f(*arrs), arrs
+
+        def f_bwd(arrs, g):
+            cts = vjp(g, *full(arrs), *rest, **options)
+            cts = list(cts) if isinstance(cts, tuple) else [cts]
+            cts = cts + [None] * (n_arrays - n_diff)
+            return tuple(ct for ct, p in zip(cts, present) if p)
+
+        f.defvjp(f_fwd, f_bwd)
+        return f(*[a for a in arrays if a is not None])
+
+    return op

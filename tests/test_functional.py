@@ -1,0 +1,328 @@
+"""Forward ops against the seeds' worked numbers, a NumPy loop, PyTorch, and their error messages."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxconv import functional as F
+from tests import reference as R
+
+
+def rows(text):
+    return np.array([[int(c) for c in row] for row in text.split(" / ")], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- seed numbers
+
+
+def test_seed1_two_filters_stride2_pad1():
+    x = np.stack([rows("0000000 / 0101010 / 0211120 / 0112120 / 0112220 / 0111110 / 0000000"),
+                  rows("0000000 / 0111000 / 0102200 / 0211000 / 0201010 / 0222120 / 0000000"),
+                  rows("0000000 / 0121100 / 0102100 / 0001010 / 0221220 / 0021020 / 0000000")], axis=-1)
+    x = x[1:-1, 1:-1][None]  # the 5x5x3 input; its zero border is the padding
+    w0 = np.stack([[[-1, -1, 1], [0, -1, 1], [-1, -1, 0]], [[1, 1, -1], [-1, 0, 1], [-1, -1, 1]],
+                   [[-1, -1, -1], [1, -1, 0], [1, -1, 1]]], axis=-1)
+    w1 = np.stack([[[0, 0, 0], [0, 1, 0], [1, 1, 1]], [[-1, 1, 0], [-1, -1, 0], [1, 0, -1]],
+                   [[1, 0, 1], [0, 0, -1], [-1, -1, 0]]], axis=-1)
+    w = np.stack([w0, w1], axis=-1).astype(np.float32)  # [3, 3, 3, 2] HWIO
+    y = F.conv2d(jnp.asarray(x), jnp.asarray(w), jnp.array([1.0, 0.0], jnp.float32), stride=2, padding=1)
+    assert y.shape == (1, 3, 3, 2)
+    np.testing.assert_array_equal(y[0, :, :, 0], [[-4, -3, -3], [-2, -7, -9], [1, -4, -10]])
+    np.testing.assert_array_equal(y[0, :, :, 1], [[0, -3, 5], [0, 5, 1], [1, 2, 1]])
+
+
+def test_seed2_feature_map_valid():
+    image = rows("0000000 / 0100010 / 0000000 / 0001000 / 0100010 / 0011100 / 0000000")
+    detector = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 1]], np.float32)
+    y = F.conv2d(jnp.asarray(image)[None, :, :, None], jnp.asarray(detector)[:, :, None, None])[0, :, :, 0]
+    expected = [[0, 1, 0, 0, 0], [0, 1, 1, 1, 0], [1, 0, 0, 2, 1], [1, 4, 2, 1, 0], [0, 0, 1, 2, 1]]
+    np.testing.assert_array_equal(y, expected)
+    # The lecture slide shows 1 at row 3, column 3; the window there covers no 1 under the detector.
+    assert y[2, 2] == 0
+
+
+def test_seed3_max_pool():
+    x = jnp.array([[1, 1, 2, 4], [5, 6, 7, 8], [3, 2, 1, 0], [1, 2, 3, 4]], jnp.float32)[None, :, :, None]
+    np.testing.assert_array_equal(F.max_pool(x, 2, stride=2)[0, :, :, 0], [[6, 8], [3, 4]])
+    np.testing.assert_array_equal(F.max_pool(x, 2)[0, :, :, 0], [[6, 8], [3, 4]])  # stride defaults to window
+
+
+def test_seed4_relu_backward_through_autodiff():
+    x = jnp.array([1.0, -2.0, 3.0, -1.0])
+    _, vjp = jax.vjp(F.relu, x)
+    np.testing.assert_array_equal(vjp(jnp.array([4.0, -1.0, 5.0, 9.0]))[0], [4, 0, 5, 0])
+    assert jax.grad(lambda v: F.relu(v))(0.0) == 0.0
+
+
+def test_seed5_same_size_with_pad2():
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    w = jnp.zeros((5, 5, 3, 10), jnp.float32)
+    assert F.conv(x, w, jnp.zeros(10, jnp.float32), padding=2).shape == (1, 32, 32, 10)
+    assert w.size + 10 == 760
+
+
+# ----------------------------------------------------------------------------- random references
+
+
+def random_conv_case(rng, n_sp, *, symmetric):
+    groups = int(rng.choice([1, 2, 3]))
+    c_in, c_out = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3))
+    if rng.random() < 0.2:  # depthwise
+        c_in = c_out = groups
+    k = tuple(int(v) for v in rng.integers(1, 4, n_sp))
+    s = tuple(int(v) for v in rng.integers(1, 4, n_sp))
+    d = tuple(int(v) for v in rng.integers(1, 4, n_sp))
+    size = tuple(int(v) for v in rng.integers(7, 12 if n_sp == 2 else 16, n_sp))
+    if symmetric:
+        padding = tuple(int(v) for v in rng.integers(0, 3, n_sp))
+    else:
+        padding = str(rng.choice(["VALID", "SAME", "int", "pairs"] + (["CAUSAL"] if n_sp == 1 else [])))
+        if padding == "int":
+            padding = int(rng.integers(0, 4))
+        elif padding == "pairs":
+            padding = [tuple(int(v) for v in rng.integers(0, 4, 2)) for _ in range(n_sp)]
+    x = rng.normal(size=(2, *size, c_in)).astype(np.float32)
+    w = rng.normal(size=(*k, c_in // groups, c_out)).astype(np.float32)
+    b = rng.normal(size=(c_out,)).astype(np.float32)
+    return x, w, b, dict(stride=s, padding=padding, dilation=d, groups=groups)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize("n_sp", [1, 2])
+def test_conv_matches_numpy_loop(rng, n_sp):
+    worst, ran = 0.0, 0
+    while ran < 60:
+        x, w, b, opts = random_conv_case(rng, n_sp, symmetric=False)
+        pads = F.resolve_padding(opts["padding"], fn="t", in_spatial=x.shape[1:-1], window=w.shape[:n_sp],
+                                 stride=opts["stride"], dilation=opts["dilation"])
+        if any(R.out_size(x.shape[1 + i], *pads[i], w.shape[i], opts["stride"][i], opts["dilation"][i]) < 1
+               for i in range(n_sp)):
+            continue
+        got = F.conv(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), precision="highest", **opts)
+        want = R.conv(x.astype(np.float64), w.astype(np.float64), b, opts["stride"], pads, opts["dilation"],
+                      opts["groups"])
+        assert got.shape == want.shape, opts
+        worst = max(worst, rel_err(got, want))
+        ran += 1
+    assert worst <= 1e-5, worst
+
+
+def test_conv_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    worst = 0.0
+    for trial in range(120):
+        n_sp = 1 + trial % 2
+        x, w, b, opts = random_conv_case(rng, n_sp, symmetric=True)
+        pads = [(p, p) for p in opts["padding"]]
+        if any(R.out_size(x.shape[1 + i], *pads[i], w.shape[i], opts["stride"][i], opts["dilation"][i]) < 1
+               for i in range(n_sp)):
+            continue
+        got = F.conv(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), precision="highest", **opts)
+        conv = torch.nn.functional.conv1d if n_sp == 1 else torch.nn.functional.conv2d
+        xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
+        wt = torch.from_numpy(np.transpose(w, (n_sp + 1, n_sp) + tuple(range(n_sp))).copy())  # OI*K
+        yt = conv(xt, wt, torch.from_numpy(b), stride=opts["stride"], padding=opts["padding"],
+                  dilation=opts["dilation"], groups=opts["groups"]).numpy()
+        worst = max(worst, rel_err(got, np.moveaxis(yt, 1, -1)))
+    assert worst <= 1e-5, worst
+
+
+def random_pool_case(rng, n_sp):
+    window = tuple(int(v) for v in rng.integers(1, 4, n_sp))
+    stride = tuple(int(v) for v in rng.integers(1, 4, n_sp))
+    padding = tuple(int(rng.integers(0, k // 2 + 1)) for k in window)  # torch: pad <= window / 2
+    x = rng.normal(size=(2, *rng.integers(5, 10, n_sp), 3)).astype(np.float32)
+    return x, window, stride, padding
+
+
+@pytest.mark.parametrize("n_sp", [1, 2])
+def test_pools_match_numpy_loop(rng, n_sp):
+    for _ in range(30):
+        x, window, stride, padding = random_pool_case(rng, n_sp)
+        padding = str(rng.choice(["VALID", "SAME"])) if rng.random() < 0.3 else padding
+        pads = F.resolve_padding(padding, fn="t", in_spatial=x.shape[1:-1], window=window, stride=stride)
+        xj = jnp.asarray(x)
+        np.testing.assert_allclose(F.max_pool(xj, window, stride=stride, padding=padding),
+                                   R.pool(x, window, stride, pads, "max"), rtol=1e-6)
+        for include in (True, False):
+            np.testing.assert_allclose(
+                F.avg_pool(xj, window, stride=stride, padding=padding, count_include_pad=include),
+                R.pool(x, window, stride, pads, "avg", include), rtol=1e-5, atol=1e-6)
+
+
+def test_pools_match_torch(rng):
+    torch = pytest.importorskip("torch")
+    tf = torch.nn.functional
+    for trial in range(80):
+        n_sp = 1 + trial % 2
+        x, window, stride, padding = random_pool_case(rng, n_sp)
+        xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
+        back = lambda t: np.moveaxis(t.numpy(), 1, -1)
+        max_t = (tf.max_pool1d if n_sp == 1 else tf.max_pool2d)(xt, window, stride, padding)
+        np.testing.assert_allclose(F.max_pool(jnp.asarray(x), window, stride=stride, padding=padding), back(max_t))
+        for include in (True, False):
+            avg_t = (tf.avg_pool1d if n_sp == 1 else tf.avg_pool2d)(xt, window, stride, padding,
+                                                                     count_include_pad=include)
+            np.testing.assert_allclose(F.avg_pool(jnp.asarray(x), window, stride=stride, padding=padding,
+                                                  count_include_pad=include), back(avg_t), rtol=1e-5, atol=1e-6)
+
+
+def test_max_pool_pads_with_minus_infinity():
+    x = -jnp.ones((1, 2, 2, 1), jnp.float32)
+    assert float(F.max_pool(x, 2, stride=2, padding=1).max()) == -1.0
+
+
+def test_padding_resolver_forms():
+    kw = dict(fn="t", in_spatial=(7, 10), window=(3, 4), stride=(2, 3), dilation=(1, 2))
+    assert F.resolve_padding("VALID", **kw) == ((0, 0), (0, 0))
+    # SAME: out = ceil(W/S); total = (out-1)*S + M - W; the odd pixel goes high.
+    assert F.resolve_padding("same", **kw) == ((1, 1), (3, 3))
+    assert F.resolve_padding("SAME", fn="t", in_spatial=(8,), window=(2,), stride=(1,)) == ((0, 1),)
+    for w_in, k, s, d in [(7, 3, 2, 1), (10, 4, 3, 2), (5, 5, 1, 1), (9, 2, 4, 3), (4, 3, 5, 1)]:
+        expect = jax.lax.padtype_to_pads((w_in,), ((k - 1) * d + 1,), (s,), "SAME")
+        assert F.resolve_padding("SAME", fn="t", in_spatial=(w_in,), window=(k,), stride=(s,), dilation=(d,)) \
+            == tuple(map(tuple, expect))
+    assert F.resolve_padding(2, **kw) == ((2, 2), (2, 2))
+    assert F.resolve_padding([1, 2], **kw) == ((1, 1), (2, 2))
+    assert F.resolve_padding([(0, 1), 3], **kw) == ((0, 1), (3, 3))
+    assert F.resolve_padding("CAUSAL", fn="t", in_spatial=(9,), window=(3,), stride=(1,), dilation=(2,)) == ((4, 0),)
+
+
+def test_same_matches_jax_with_stride_and_dilation(rng):
+    x = jnp.asarray(rng.normal(size=(1, 11, 9, 2)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 2, 2, 4)), jnp.float32)
+    ours = F.conv(x, w, stride=(2, 3), dilation=(2, 1), padding="SAME")
+    theirs = jax.lax.conv_general_dilated(x, w, (2, 3), "SAME", rhs_dilation=(2, 1),
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+
+
+def test_causal_conv_sees_no_future(rng):
+    x = jnp.asarray(rng.normal(size=(1, 12, 1)), jnp.float32)
+    w = jnp.ones((3, 1, 1), jnp.float32)
+    y = F.conv1d(x, w, padding="CAUSAL", dilation=2)
+    assert y.shape == x.shape
+    x2 = x.at[0, 8:, 0].set(100.0)  # changing the future leaves the past alone
+    np.testing.assert_array_equal(F.conv1d(x2, w, padding="CAUSAL", dilation=2)[0, :8], y[0, :8])
+
+
+# ----------------------------------------------------------------------------- dense, activations, losses
+
+
+def test_dense_relu_flatten_global_pool(rng):
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    w = rng.normal(size=(4, 5)).astype(np.float32)
+    b = rng.normal(size=5).astype(np.float32)
+    np.testing.assert_allclose(F.dense(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), precision="highest"),
+                               x @ w + b, rtol=1e-5)
+    np.testing.assert_array_equal(F.relu(jnp.array([-1.0, 0.0, 2.0])), [0, 0, 2])
+    assert F.flatten(jnp.zeros((2, 3, 4, 5))).shape == (2, 60)
+    img = rng.normal(size=(2, 3, 4, 5))
+    np.testing.assert_allclose(F.global_avg_pool(jnp.asarray(img)), img.mean(axis=(1, 2)), rtol=1e-12)
+
+
+def test_softmax_and_log_softmax_are_stable():
+    z = jnp.array([[1000.0, 0.0, -1000.0]], jnp.float32)
+    assert np.isfinite(np.asarray(F.log_softmax(z))).all()
+    np.testing.assert_allclose(F.softmax(z).sum(), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy_against_loop_and_torch(rng, eps):
+    logits = (rng.normal(size=(6, 5)) * 10).astype(np.float32)
+    labels = rng.integers(0, 5, 6)
+    got = F.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), label_smoothing=eps)
+    np.testing.assert_allclose(got, R.cross_entropy(logits, labels, eps), rtol=1e-5)
+    per = F.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), label_smoothing=eps, reduction="none")
+    np.testing.assert_allclose(per.mean(), got, rtol=1e-6)
+    torch = pytest.importorskip("torch")
+    want = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels),
+                                             label_smoothing=eps).item()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_cross_entropy_huge_logits_finite():
+    z = jnp.array([[1e30, -1e30]], jnp.float32)
+    assert np.isfinite(float(F.cross_entropy(z, jnp.array([1]))))
+
+
+def test_batch_norm_and_dropout(rng):
+    x = jnp.asarray(rng.normal(size=(8, 3, 4)) * 3 + 1)
+    y = F.batch_norm_train(x, jnp.ones(4), jnp.zeros(4))
+    np.testing.assert_allclose(y.mean(axis=(0, 1)), 0, atol=1e-12)
+    np.testing.assert_allclose(y.var(axis=(0, 1)), 1, rtol=1e-4)
+    d = F.dropout(jnp.ones((1000,)), jax.random.key(0), drop_rate=0.25)
+    assert set(np.unique(np.asarray(d)).tolist()) <= {0.0, 1 / 0.75}
+    assert abs(float((d == 0).mean()) - 0.25) < 0.05
+    assert F.dropout(x, jax.random.key(0), drop_rate=0.5, deterministic=True) is x
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+X2 = jnp.zeros((2, 8, 8, 3), jnp.float32)
+W2 = jnp.zeros((3, 3, 3, 4), jnp.float32)
+
+BAD_CALLS = [
+    (lambda: F.conv(jnp.zeros((8, 3)), W2), ValueError, "conv: `x` must have rank >= 3, got rank 2"),
+    (lambda: F.conv(X2, jnp.zeros((3, 3, 4))), ValueError, "conv: `w` must have rank 4, got rank 3"),
+    (lambda: F.conv2d(jnp.zeros((2, 8, 3)), jnp.zeros((3, 3, 4))), ValueError, "conv2d: `x` must be [N, *spatial, C] with 2"),
+    (lambda: F.conv1d(X2, W2), ValueError, "conv1d: `x` must be [N, *spatial, C] with 1 spatial axes"),
+    (lambda: F.conv(X2, jnp.zeros((3, 3, 2, 4))), ValueError,
+     "conv: `x.shape[-1]` (=3) must equal `w.shape[-2] * groups` (=2 * 1 = 2)"),
+    (lambda: F.conv(X2, jnp.zeros((3, 3, 1, 4)), groups=2), ValueError,
+     "conv: `x.shape[-1]` (C_in=3) must be divisible by `groups` (=2)"),
+    (lambda: F.conv(jnp.zeros((2, 8, 8, 4)), jnp.zeros((3, 3, 2, 3)), groups=2), ValueError,
+     "conv: `w.shape[-1]` (C_out=3) must be divisible by `groups` (=2)"),
+    (lambda: F.conv(X2, jnp.zeros((9, 9, 3, 4))), ValueError,
+     "conv: kernel span 9 (K=9, dilation=1) on spatial axis 0 is larger than the padded input 8"),
+    (lambda: F.conv(X2, W2, dilation=5), ValueError, "conv: kernel span 11 (K=3, dilation=5)"),
+    (lambda: F.conv(X2, W2, stride=0), ValueError, "conv: `stride` must be >= 1 on every axis, got (0, 0)"),
+    (lambda: F.conv(X2, W2, dilation=(1, -1)), ValueError, "conv: `dilation` must be >= 1 on every axis, got (1, -1)"),
+    (lambda: F.conv(X2, W2, stride=1.5), TypeError, "conv: `stride` must be an int or a sequence of 2 ints"),
+    (lambda: F.conv(X2, W2, padding="FULL"), ValueError, "conv: `padding` must be 'VALID', 'SAME', 'CAUSAL'"),
+    (lambda: F.conv(X2, W2, padding=[1, 1, 1]), ValueError,
+     "conv: `padding` must have one entry per spatial axis (2), got 3"),
+    (lambda: F.conv(X2, W2, padding=(1, -1)), ValueError, "conv: `padding` must be >= 0"),
+    (lambda: F.conv(X2, W2, padding="CAUSAL"), ValueError,
+     "conv: `padding`='CAUSAL' is only defined for 1-D inputs, got 2 spatial axes"),
+    (lambda: F.conv(X2.astype(jnp.int32), W2), TypeError, "conv: `x` must be a floating-point array, got dtype int32"),
+    (lambda: F.conv(X2, W2, jnp.zeros(3)), ValueError, "conv: `b` must have shape (4,)"),
+    (lambda: F.conv(X2, W2, groups=0), ValueError, "conv: `groups` must be a positive int, got 0"),
+    (lambda: F.max_pool(X2, 0), ValueError, "max_pool: `window` must be >= 1 on every axis, got (0, 0)"),
+    (lambda: F.max_pool(X2, 2, stride=-1), ValueError, "max_pool: `stride` must be >= 1 on every axis"),
+    (lambda: F.max_pool(X2, 9), ValueError, "max_pool: window span 9"),
+    (lambda: F.avg_pool(X2, (2, 2, 2)), ValueError, "avg_pool: `window` must have one entry per spatial axis (2), got 3"),
+    (lambda: F.avg_pool(X2, 2, padding="CAUSAL"), ValueError, "avg_pool: `padding`='CAUSAL' is only defined for 1-D"),
+    (lambda: F.dense(jnp.zeros((2, 3)), jnp.zeros((4, 5))), ValueError,
+     "dense: `x.shape[1]` (=3) must equal `w.shape[0]` (=4)"),
+    (lambda: F.cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 3])), ValueError,
+     "cross_entropy: `labels` must lie in [0, 2] for 3 classes, got values in [0, 3]"),
+    (lambda: F.cross_entropy(jnp.zeros((2, 3)), jnp.array([-1, 0])), ValueError, "cross_entropy: `labels` must lie in [0, 2]"),
+    (lambda: F.cross_entropy(jnp.zeros((2, 3)), jnp.array([0.0, 1.0])), TypeError,
+     "cross_entropy: `labels` must be integer class indices, got dtype float"),
+    (lambda: F.cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 1]), label_smoothing=1.5), ValueError,
+     "cross_entropy: `label_smoothing` must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_CALLS, ids=[m[:40] for _, _, m in BAD_CALLS])
+def test_bad_input_raises_before_xla(call, error, message, monkeypatch):
+    def no_xla(*args, **kwargs):
+        raise AssertionError("reached lax.conv_general_dilated")
+    monkeypatch.setattr(jax.lax, "conv_general_dilated", no_xla)
+    monkeypatch.setattr(jax.lax, "reduce_window", no_xla)
+    with pytest.raises(error, match=re.escape(message)):
+        call()
+
+
+def test_label_range_not_checked_under_jit():
+    # Traced labels have no values at trace time; the check applies only when they are concrete.
+    f = jax.jit(lambda z, y: F.cross_entropy(z, y))
+    assert np.isfinite(float(f(jnp.zeros((2, 3)), jnp.array([0, 2]))))
