@@ -214,6 +214,8 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
       padding: see :func:`resolve_padding`.
       groups: ``C_in`` and ``C_out`` are split into this many independent groups.
       precision: passed to ``lax.conv_general_dilated`` (``lax.Precision.HIGHEST`` for exact fp32).
+    Mixed dtypes of ``x`` and ``w`` are promoted to their common type.
+
     Returns:
       ``[N, *out_spatial, C_out]`` with ``out = floor((W + P_lo + P_hi - M) / S) + 1``.
     """
@@ -221,8 +223,9 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
     stride, pads, dilation = conv_geometry(x, w, fn=fn, stride=stride, padding=padding, dilation=dilation,
                                            groups=groups)
     _check_bias(b, w.shape[-1], fn=fn)
+    dtype = jnp.result_type(x, w)  # promote mixed precisions, as Flax does
     y = lax.conv_general_dilated(
-        x, w, window_strides=stride, padding=pads, rhs_dilation=dilation,
+        x.astype(dtype), w.astype(dtype), window_strides=stride, padding=pads, rhs_dilation=dilation,
         dimension_numbers=conv_dimension_numbers(x.ndim - 2), feature_group_count=groups, precision=precision,
     )
     return y if b is None else y + b.astype(y.dtype)

@@ -105,7 +105,11 @@ class Conv(Layer):
         return self.op(F.conv)(x, w, b, **self._options())
 
     def output_shape(self, in_shape):
+        if len(in_shape) != len(self.kernel_size) + 1:
+            raise ValueError(f"Conv: a {len(self.kernel_size)}-D kernel needs inputs [*spatial, C] of rank "
+                             f"{len(self.kernel_size) + 1}, got shape {tuple(in_shape)}")
         pads = self._pads(in_shape[:-1])
+        F._check_fits("Conv", in_shape[:-1], pads, self.kernel_size, self.dilation)
         spatial = [(w + lo + hi - F.effective_kernel(k, d)) // s + 1
                    for w, (lo, hi), k, s, d in zip(in_shape[:-1], pads, self.kernel_size, self.stride, self.dilation)]
         return (*spatial, self.kernel.shape[-1])
@@ -180,6 +184,7 @@ class _Pool(Layer):
 
     def output_shape(self, in_shape):
         window, stride, pads = self._resolved(in_shape)
+        F._check_fits(type(self).__name__, in_shape[:-1], pads, window, (1,) * len(window), what="window")
         return (*[(w + lo + hi - k) // s + 1 for w, (lo, hi), k, s in zip(in_shape[:-1], pads, window, stride)],
                 in_shape[-1])
 
