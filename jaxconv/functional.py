@@ -271,7 +271,8 @@ def max_pool(x, window, *, stride=None, padding: Padding = "VALID"):
       ``[N, *out_spatial, C]``, sizes as for :func:`conv` with dilation 1.
     """
     window, stride, pads = pool_geometry(x, window, fn="max_pool", stride=stride, padding=padding)
-    init = jnp.array(-jnp.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+    # A NumPy (concrete) init value lets JAX recognise the max monoid and differentiate it under jit.
+    init = np.array(-np.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min, x.dtype)
     return lax.reduce_window(x, init, lax.max, _full(window), _full(stride), ((0, 0),) + pads + ((0, 0),))
 
 
@@ -296,7 +297,7 @@ def avg_pool(x, window, *, stride=None, padding: Padding = "VALID", count_includ
     fn = "avg_pool"
     window, stride, pads = pool_geometry(x, window, fn=fn, stride=stride, padding=padding)
     _check_float(x, fn=fn, name="x")
-    summed = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, _full(window), _full(stride),
+    summed = lax.reduce_window(x, np.array(0, x.dtype), lax.add, _full(window), _full(stride),
                                ((0, 0),) + pads + ((0, 0),))
     if count_include_pad:
         return summed / math.prod(window)

@@ -42,10 +42,11 @@ class Sequential(nnx.Module):
 class _Stack:
     """Builds a layer list while tracking the activation shape, so Dense sizes are derived."""
 
-    def __init__(self, input_shape, *, grad, dtype, rngs):
+    def __init__(self, input_shape, *, grad, dtype, param_dtype, rngs):
         self.shape, self.layers = tuple(input_shape), []
         self.common = dict(grad=grad)
-        self.dtype, self.rngs = dtype, rngs
+        self.rngs = rngs
+        self.params = dict(dtype=dtype, param_dtype=param_dtype)
 
     def add(self, layer):
         self.shape = layer.output_shape(self.shape)
@@ -53,20 +54,20 @@ class _Stack:
         return self
 
     def conv(self, features, kernel, **options):
-        return self.add(L.Conv(self.shape[-1], features, kernel, dtype=self.dtype, rngs=self.rngs, **self.common,
+        return self.add(L.Conv(self.shape[-1], features, kernel, rngs=self.rngs, **self.params, **self.common,
                                **options))
 
     def dense(self, features, **options):
         if len(self.shape) != 1:
             self.add(L.Flatten(**self.common))
-        return self.add(L.Dense(self.shape[0], features, dtype=self.dtype, rngs=self.rngs, **self.common, **options))
+        return self.add(L.Dense(self.shape[0], features, rngs=self.rngs, **self.params, **self.common, **options))
 
     def conv_bn(self, features, kernel, **options):
         """Conv without bias (BatchNorm's shift makes it redundant: its gradient is exactly 0), then BN."""
         return self.conv(features, kernel, use_bias=False, **options).bn()
 
     def bn(self, **options):
-        return self.add(L.BatchNorm(self.shape[-1], dtype=self.dtype, **self.common, **options))
+        return self.add(L.BatchNorm(self.shape[-1], **self.params, **self.common, **options))
 
     def relu(self):
         return self.add(L.ReLU(**self.common))
@@ -159,8 +160,11 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def create_model(name: str, *, input_shape=None, num_classes: int = 10, grad: str = "auto", dtype=None,
-                 seed: int = 0, rngs: nnx.Rngs | None = None) -> Sequential:
+                 param_dtype=jnp.float32, seed: int = 0, rngs: nnx.Rngs | None = None) -> Sequential:
     """Build a registered model for per-example ``input_shape`` (default: the one it was designed for).
+
+    ``grad``: ``"auto"`` or ``"manual"`` (hand-written backward in every layer); ``dtype``: compute
+    dtype (e.g. ``jnp.bfloat16``), ``param_dtype``: storage dtype of the parameters.
 
     Raises ``ValueError`` naming the model and the shape when the architecture cannot take that input.
     """
@@ -174,7 +178,7 @@ def create_model(name: str, *, input_shape=None, num_classes: int = 10, grad: st
             f"got input shape {input_shape}"
         )
     rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
-    stack = _Stack(input_shape, grad=grad, dtype=dtype, rngs=rngs)
+    stack = _Stack(input_shape, grad=grad, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     try:
         spec.build(stack, num_classes)
     except ValueError as err:

@@ -1,0 +1,166 @@
+"""Hand-written backward passes against jax.vjp, finite differences and torch.autograd (float64)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+from jaxconv import create_model
+from jaxconv import functional as F
+from jaxconv import grads as G
+from jaxconv import gradcheck as GC
+from jaxconv.backprop import manual_value_and_grad
+
+PER_OP = 24  # random configurations per op (x 13 ops), 1-D and 2-D alternating; the experiment runs more
+
+
+def test_every_vjp_matches_jax_vjp_on_random_configurations(rng):
+    worst, counts = {}, {}
+    for name, forward, args, options in GC.random_op_cases(rng, PER_OP):
+        err = GC.op_error(forward, args, options, rng)
+        worst[name] = max(worst.get(name, 0.0), err)
+        counts[name] = counts.get(name, 0) + 1
+        assert err <= 1e-10, (name, options, err)
+    assert set(counts) == {"conv", "max_pool", "avg_pool", "global_avg_pool", "relu", "flatten", "batch_norm_train",
+                           "batch_norm", "dropout", "dense", "log_softmax", "softmax", "cross_entropy"}
+
+
+def test_seed4_relu_vjp():
+    got = G.relu_vjp(jnp.array([4.0, -1.0, 5.0, 9.0]), jnp.array([1.0, -2.0, 3.0, -1.0]))
+    np.testing.assert_array_equal(got, [4, 0, 5, 0])
+    assert float(G.relu_vjp(jnp.array([3.0]), jnp.array([0.0]))[0]) == 0.0
+
+
+@pytest.mark.parametrize("case", [
+    dict(stride=2, padding="SAME", dilation=1, groups=1),
+    dict(stride=(1, 3), padding=[(2, 0), (1, 3)], dilation=(2, 1), groups=2),
+    dict(stride=1, padding=1, dilation=2, groups=4),
+])
+def test_manual_conv_against_finite_differences(rng, case):
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 4)))
+    w = jnp.asarray(rng.normal(size=(3, 2, 4 // case["groups"], 4)))
+    b = jnp.asarray(rng.normal(size=4))
+    check_grads(lambda x, w, b: G.manual(F.conv)(x, w, b, **case), (x, w, b), order=1, modes=["rev"])
+
+
+def test_manual_pools_and_loss_against_finite_differences(rng):
+    x = jnp.asarray(rng.normal(size=(2, 7, 7, 3)))  # continuous values: no ties
+    check_grads(lambda x: G.manual(F.max_pool)(x, 3, stride=2, padding=1), (x,), order=1, modes=["rev"])
+    check_grads(lambda x: G.manual(F.avg_pool)(x, 3, stride=2, padding=1, count_include_pad=False), (x,), order=1,
+                modes=["rev"])
+    z = jnp.asarray(rng.normal(size=(5, 4)))
+    check_grads(lambda z: G.manual(F.cross_entropy)(z, jnp.array([0, 1, 2, 3, 0]), label_smoothing=0.1), (z,),
+                order=1, modes=["rev"])
+    scale, bias = jnp.asarray(rng.normal(size=3)), jnp.asarray(rng.normal(size=3))
+    check_grads(lambda x, s, b: G.manual(F.batch_norm_train)(x, s, b), (x, scale, bias), order=1, modes=["rev"])
+
+
+def test_max_pool_ties_go_to_the_first_maximum_and_overlaps_add():
+    x = jnp.array([[1.0, 5.0, 5.0], [5.0, 0.0, 2.0], [0.0, 1.0, 3.0]])[None, :, :, None]
+    g = jnp.ones((1, 2, 2, 1))
+    got = G.max_pool_vjp(g, x, 2, stride=1)[0, :, :, 0]
+    # windows: {1,5,5,0} -> first 5 at (0,1); {5,5,0,2} -> (0,1); {5,0,0,1} -> (1,0); {0,2,1,3} -> (2,2)
+    np.testing.assert_array_equal(got, [[0, 2, 0], [1, 0, 0], [0, 0, 1]])
+    _, vjp = jax.vjp(lambda v: F.max_pool(v, 2, stride=1), x)
+    np.testing.assert_array_equal(vjp(g)[0][0, :, :, 0], got)  # same rule as JAX autodiff
+
+
+def test_conv_and_pool_gradients_match_torch_autograd(rng):
+    torch = pytest.importorskip("torch")
+    tf = torch.nn.functional
+    for trial in range(20):
+        n_sp = 1 + trial % 2
+        groups = int(rng.choice([1, 2]))
+        k, s, d = (tuple(int(v) for v in rng.integers(1, 4, n_sp)) for _ in range(3))
+        pad = tuple(int(v) for v in rng.integers(0, 3, n_sp))
+        x = rng.normal(size=(2, *rng.integers(9, 12, n_sp), 2 * groups))
+        w = rng.normal(size=(*k, 2, 2 * groups))
+        y = F.conv(jnp.asarray(x), jnp.asarray(w), stride=s, padding=pad, dilation=d, groups=groups)
+        g = rng.normal(size=y.shape)
+        dx, dw, _ = G.conv_vjp(jnp.asarray(g), jnp.asarray(x), jnp.asarray(w), stride=s, padding=pad, dilation=d,
+                               groups=groups)
+        xt = torch.tensor(np.moveaxis(x, -1, 1), requires_grad=True)
+        wt = torch.tensor(np.transpose(w, (n_sp + 1, n_sp, *range(n_sp))), requires_grad=True)
+        conv = tf.conv1d if n_sp == 1 else tf.conv2d
+        conv(xt, wt, stride=s, padding=pad, dilation=d, groups=groups).backward(torch.tensor(np.moveaxis(g, -1, 1)))
+        np.testing.assert_allclose(dx, np.moveaxis(xt.grad.numpy(), 1, -1), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dw, np.transpose(wt.grad.numpy(), (*range(2, n_sp + 2), 1, 0)), rtol=1e-10,
+                                   atol=1e-12)
+
+        window = tuple(int(v) for v in rng.integers(1, 4, n_sp))
+        pool_pad = tuple(int(rng.integers(0, kk // 2 + 1)) for kk in window)
+        for kind in ("max", "avg_incl", "avg_excl"):
+            opts = dict(stride=s, padding=pool_pad)
+            xt = torch.tensor(np.moveaxis(x, -1, 1), requires_grad=True)
+            if kind == "max":
+                out_t = (tf.max_pool1d if n_sp == 1 else tf.max_pool2d)(xt, window, s, pool_pad)
+                ours = lambda gg: G.max_pool_vjp(gg, jnp.asarray(x), window, **opts)
+            else:
+                incl = kind == "avg_incl"
+                out_t = (tf.avg_pool1d if n_sp == 1 else tf.avg_pool2d)(xt, window, s, pool_pad,
+                                                                         count_include_pad=incl)
+                ours = lambda gg, incl=incl: G.avg_pool_vjp(gg, jnp.asarray(x), window, count_include_pad=incl,
+                                                            **opts)
+            gp = rng.normal(size=out_t.shape)
+            out_t.backward(torch.tensor(gp))
+            np.testing.assert_allclose(ours(jnp.asarray(np.moveaxis(gp, 1, -1))),
+                                       np.moveaxis(xt.grad.numpy(), 1, -1), rtol=1e-10, atol=1e-12)
+
+
+def _flat_errors(manual, auto):
+    flat_a = nnx.to_flat_state(auto)
+    scale = max(float(jnp.max(jnp.abs(v[...]))) for v in flat_a.leaves)
+    return [GC.rel_error(m[...], a[...], 1e-6 * scale) for m, a in zip(nnx.to_flat_state(manual).leaves, flat_a.leaves)]
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mnist1d_cnn", "seed_cnn", "mnist1d_deep"])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-10), (jnp.float32, 1e-4)])
+def test_whole_model_manual_backprop_equals_jax_grad(name, dtype, tol):
+    model = create_model(name, seed=1, param_dtype=dtype)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(0), (6, *model.input_shape), dtype)
+    y = jnp.array([0, 1, 2, 3, 4, 9])
+    graphdef_m, _, rest_m = nnx.split(create_model(name, seed=1, param_dtype=dtype, grad="manual"), nnx.Param, ...)
+    with jax.default_matmul_precision("highest"):
+        _, manual = jax.jit(lambda p: manual_value_and_grad(model, p, x, y))(params)
+        auto = jax.jit(jax.grad(lambda p: F.cross_entropy(nnx.merge(graphdef, p, rest, copy=True)(x), y)))(params)
+        # the custom_vjp route (grad="manual" layers) gives the same gradients through jax.grad
+        custom = jax.jit(jax.grad(lambda p: F.cross_entropy(nnx.merge(graphdef_m, p, rest_m, copy=True)(x), y)))(params)
+    assert max(_flat_errors(manual, auto)) <= tol
+    assert max(_flat_errors(custom, auto)) <= tol
+    assert jax.tree.structure(manual) == jax.tree.structure(auto)
+
+
+def test_model_report_fd_column_is_small():
+    rows = GC.model_report("mnist1d_cnn")
+    assert {r[0] for r in rows} == {"float64", "float32"}
+    assert max(r[3] for r in rows if r[0] == "float64") <= 1e-10
+    assert max(r[4] for r in rows if r[0] == "float64") <= 1e-5
+
+
+VJP_BAD = [
+    (lambda: G.conv_vjp(jnp.zeros((1, 3, 3, 4)), jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4))), ValueError,
+     "conv_vjp: `g` must have the forward output's shape (1, 6, 6, 4), got (1, 3, 3, 4)"),
+    (lambda: G.conv_vjp(jnp.zeros((1, 6, 6, 4)), jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4)), stride=0),
+     ValueError, "conv_vjp: `stride` must be >= 1"),
+    (lambda: G.conv_vjp(jnp.zeros((1, 6, 6, 4)), jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 2, 4))), ValueError,
+     "conv_vjp: `x.shape[-1]` (=3) must equal `w.shape[-2] * groups`"),
+    (lambda: G.max_pool_vjp(jnp.zeros((1, 3, 3, 2)), jnp.zeros((1, 8, 8, 2)), 2), ValueError,
+     "max_pool_vjp: `g` must have the forward output's shape (1, 4, 4, 2), got (1, 3, 3, 2)"),
+    (lambda: G.avg_pool_vjp(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 8, 8, 2)), 2, padding="FULL"), ValueError,
+     "avg_pool_vjp: `padding` must be 'VALID', 'SAME', 'CAUSAL'"),
+    (lambda: G.dense_vjp(jnp.zeros((2, 4)), jnp.zeros((2, 3)), jnp.zeros((3, 5))), ValueError,
+     "dense_vjp: `g` must have the forward output's shape (2, 5), got (2, 4)"),
+    (lambda: G.relu_vjp(jnp.zeros(3), jnp.zeros(4)), ValueError, "relu_vjp: `g` must have the forward output's shape (4,)"),
+    (lambda: G.cross_entropy_vjp(jnp.ones(2), jnp.zeros((2, 3)), jnp.array([0, 1])), ValueError,
+     "cross_entropy_vjp: `g` must have the forward output's shape (), got (2,)"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", VJP_BAD, ids=[m[:30] for _, _, m in VJP_BAD])
+def test_vjp_bad_input(call, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        call()
