@@ -110,15 +110,6 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
 # --------------------------------------------------------------------------- pooling
 
 
-def _window_slices(shape_padded, window, stride, out_spatial):
-    """For each window offset: the strided slice of the padded input that offset reads."""
-    n_batch, *_, c = shape_padded
-    for offset in np.ndindex(*window):
-        start = (0, *offset, 0)
-        limit = (n_batch, *[o + s * (m - 1) + 1 for o, s, m in zip(offset, stride, out_spatial)], c)
-        yield offset, start, limit, (1, *stride, 1)
-
-
 def _scatter_to_window(values, offset, stride, shape_padded):
     """Place ``values[o]`` at padded position ``offset + o*S`` (zeros elsewhere): transpose of a slice."""
     config = [(0, 0, 0)]
@@ -147,7 +138,7 @@ def max_pool_vjp(g, x, window, *, stride=None, padding="VALID"):
     y = F.max_pool(x, window, stride=stride, padding=padding)
     found = jnp.zeros(y.shape, bool)
     dx_pad = jnp.zeros(x_pad.shape, g.dtype)
-    for offset, start, limit, strides in _window_slices(x_pad.shape, window, stride, out_spatial):
+    for offset, start, limit, strides in F.window_slices(x_pad.shape, window, stride, out_spatial):
         hit = (lax.slice(x_pad, start, limit, strides) == y) & ~found
         found = found | hit
         dx_pad = dx_pad + _scatter_to_window(jnp.where(hit, g, 0), offset, stride, x_pad.shape)
@@ -167,7 +158,7 @@ def avg_pool_vjp(g, x, window, *, stride=None, padding="VALID", count_include_pa
         share = g / jnp.asarray(counts, g.dtype)[None, ..., None]
     padded_shape = (x.shape[0], *[w + lo + hi for w, (lo, hi) in zip(x.shape[1:-1], pads)], x.shape[-1])
     dx_pad = jnp.zeros(padded_shape, g.dtype)
-    for offset, *_ in _window_slices(padded_shape, window, stride, out_spatial):
+    for offset, *_ in F.window_slices(padded_shape, window, stride, out_spatial):
         dx_pad = dx_pad + _scatter_to_window(share, offset, stride, padded_shape)
     return _crop(dx_pad, pads).astype(x.dtype)
 

@@ -1,0 +1,146 @@
+"""Train-step throughput of a registered model: jaxconv (jit) vs PyTorch CPU, side by side in one run.
+
+    python benchmarks/train_step_vs_torch.py --model seed_cnn --batch 128
+
+Both sides run the same architecture (built from the same layer list), SGD with momentum 0.9,
+float32, on random data of the model's input shape. PyTorch runs NCHW and channels_last; the
+better of the two is the reference. Rounds alternate between the contenders so that a noisy
+machine slows all of them alike; the median step time of each is reported.
+"""
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxconv import functional as F
+from jaxconv import layers as L
+from jaxconv.models import create_model
+
+
+def jax_step(model, batch):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.sgd(0.01, momentum=0.9)
+    opt_state = tx.init(params)
+    x = jax.random.normal(jax.random.key(0), (batch, *model.input_shape))
+    y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
+
+    @jax.jit
+    def step(params, opt_state, rest):
+        def loss_fn(p):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            return F.cross_entropy(m(x), y), nnx.state(m, nnx.Not(nnx.Param))
+        (loss, rest), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, rest, loss
+
+    state = [params, opt_state, rest]
+
+    def run():
+        *state[:], loss = step(*state)
+        jax.block_until_ready(loss)
+    return run
+
+
+def torch_model(model):
+    """The same layer list in PyTorch (NCHW), weights copied."""
+    import torch
+    tnn = torch.nn
+    mods = []
+    n_sp = len(model.input_shape) - 1
+    for layer in model.layers:
+        if isinstance(layer, L.Conv):
+            conv = (tnn.Conv1d if n_sp == 1 else tnn.Conv2d)
+            pad = layer.padding if isinstance(layer.padding, (int, tuple)) else layer.padding.lower()
+            if pad == "same" and max(layer.stride) > 1:
+                raise SystemExit("torch has no SAME padding with stride > 1")
+            t = conv(layer.kernel.shape[-2] * layer.groups, layer.kernel.shape[-1], layer.kernel_size,
+                     stride=layer.stride, padding=pad, dilation=layer.dilation, groups=layer.groups,
+                     bias=layer.bias is not None)
+            mods.append(t)
+        elif isinstance(layer, L.Dense):
+            mods.append(tnn.Linear(*layer.kernel.shape))
+        elif isinstance(layer, L.ReLU):
+            mods.append(tnn.ReLU())
+        elif isinstance(layer, L.MaxPool):
+            mods.append((tnn.MaxPool1d if n_sp == 1 else tnn.MaxPool2d)(layer.window, layer.stride, 0))
+        elif isinstance(layer, L.AvgPool):
+            mods.append((tnn.AvgPool1d if n_sp == 1 else tnn.AvgPool2d)(layer.window, layer.stride, 0))
+        elif isinstance(layer, L.Flatten):
+            # jaxconv flattens channels-last; permute so the Dense sees the same order
+            mods.append(tnn.Sequential(_ChannelsLast(), tnn.Flatten()))
+        elif isinstance(layer, L.BatchNorm):
+            mods.append((tnn.BatchNorm1d if n_sp == 1 else tnn.BatchNorm2d)(layer.scale.shape[0]))
+        elif isinstance(layer, L.GlobalAvgPool):
+            mods.append(tnn.Sequential(tnn.AdaptiveAvgPool2d(1), tnn.Flatten()))
+        else:
+            raise SystemExit(f"no torch twin for {type(layer).__name__}")
+    return tnn.Sequential(*mods)
+
+
+class _ChannelsLast:
+    pass
+
+
+def torch_step(model, batch, channels_last):
+    import torch
+    global _ChannelsLast
+
+    class _ChannelsLast(torch.nn.Module):  # noqa: F811
+        def forward(self, x):
+            return x.permute(0, *range(2, x.ndim), 1)
+
+    net = torch_model(model)
+    x = torch.randn(batch, model.input_shape[-1], *model.input_shape[:-1])
+    y = torch.randint(0, 10, (batch,))
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        opt.step()
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="seed_cnn")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    import torch
+    model = create_model(args.model)
+    contenders = {"jaxconv (jit, NHWC)": jax_step(model, args.batch),
+                  "jaxconv grad=manual": jax_step(create_model(args.model, grad="manual"), args.batch),
+                  "torch NCHW": torch_step(model, args.batch, False)}
+    if len(model.input_shape) == 3:
+        contenders["torch channels_last"] = torch_step(model, args.batch, True)
+    for run in contenders.values():  # compile / warm up
+        for _ in range(3):
+            run()
+    times = {k: [] for k in contenders}
+    for _ in range(args.rounds):
+        for name, run in contenders.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    best_torch = min(v for k, v in med.items() if k.startswith("torch"))
+    print(f"{args.model}, batch {args.batch}, float32, {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
+          f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"median of {args.rounds} rounds")
+    print(f"{'contender':24s} {'ms/step':>9s} {'images/s':>10s} {'vs best torch':>14s}")
+    for name, t in med.items():
+        print(f"{name:24s} {t * 1e3:9.2f} {args.batch / t:10.0f} {best_torch / t:13.2f}x")
+
+
+if __name__ == "__main__":
+    main()
