@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
     train.add_argument("--grad", choices=["auto", "manual"], default="auto",
                        help="manual: every layer's backward is the hand-written one")
-    train.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    train.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--data-dir")
     train.add_argument("--source", choices=list(SOURCES), default="auto")

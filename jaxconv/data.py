@@ -265,7 +265,7 @@ def load_tfds(name: str, data_dir: str | None) -> tuple[Split, Split]:
     splits = []
     for s in ("train", "test"):
         source = sources[s]
-        examples = source.__getitems__(list(range(len(source))))
+        examples = [source[i] for i in range(len(source))]
         images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
         splits.append(Split(images, np.asarray([e["label"] for e in examples], np.int32)))
     return tuple(splits)

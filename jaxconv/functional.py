@@ -353,8 +353,8 @@ def dense(x, w, b=None, *, precision=None):
 
 
 def relu(x):
-    """``max(x, 0)`` with derivative 0 at 0 (``jnp.maximum`` would give 0.5 there)."""
-    return jnp.where(x > 0, x, jnp.zeros_like(x))
+    """``max(x, 0)`` with derivative 0 at 0 (``jnp.maximum`` would give 0.5 there); NaN stays NaN."""
+    return jnp.where(x <= 0, jnp.zeros_like(x), x)
 
 
 def flatten(x):

@@ -187,9 +187,9 @@ def dense_vjp(g, x, w, b=None, *, precision=None):
 
 
 def relu_vjp(g, x):
-    """Cotangent of :func:`jaxconv.functional.relu`: g where ``x > 0``, else 0 (also at 0)."""
+    """Cotangent of :func:`jaxconv.functional.relu`: 0 where ``x <= 0`` (also at 0), else g."""
     _check_g(g, x.shape, fn="relu_vjp")
-    return jnp.where(x > 0, g, jnp.zeros_like(g))
+    return jnp.where(x <= 0, jnp.zeros_like(g), g)
 
 
 def flatten_vjp(g, x):

@@ -126,6 +126,17 @@ def seed_cnn(s: _Stack, num_classes: int):
     s.dense(256).relu().dense(num_classes)
 
 
+def mnist_cnn(s: _Stack, num_classes: int):
+    """A fast 28x28 CNN with BatchNorm: conv 5x5 (32) -> pool -> conv 3x3 (64) -> pool -> conv 3x3 (128) -> Dense.
+
+    Pools early so the costly layers run at 12x12 and 5x5: 6.1 MFLOPs per image against seed_cnn's 9.3.
+    """
+    s.conv_bn(32, (5, 5)).relu().max_pool(2)
+    s.conv_bn(64, (3, 3)).relu().max_pool(2)
+    s.conv_bn(128, (3, 3)).relu()
+    s.dense(num_classes)
+
+
 def convnetjs_cifar(s: _Stack, num_classes: int):
     """The ConvNetJS CIFAR-10 demo: 3 x (conv 5x5 pad 2 [16, 20, 20], ReLU, max pool 2) -> Dense 10."""
     for width in (16, 20, 20):
@@ -154,6 +165,7 @@ MODELS: dict[str, ModelSpec] = {
     "mnist1d_deep": ModelSpec(mnist1d_deep, (40, 1)),
     "lenet5": ModelSpec(lenet5, (28, 28, 1)),
     "seed_cnn": ModelSpec(seed_cnn, (28, 28, 1)),
+    "mnist_cnn": ModelSpec(mnist_cnn, (28, 28, 1)),
     "convnetjs_cifar": ModelSpec(convnetjs_cifar, (32, 32, 3)),
     "cifar_vgg": ModelSpec(cifar_vgg, (32, 32, 3)),
 }

@@ -59,9 +59,9 @@ class TrainConfig:
 RECIPES: dict[str, dict[str, Any]] = {
     "mnist1d": dict(model="mnist1d_cnn", epochs=120, batch_size=100, optimizer="adam", lr=1e-2, schedule="cosine",
                     warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=4, flip=False),
-    "mnist": dict(model="seed_cnn", epochs=12, batch_size=128, optimizer="adam", lr=2e-3, schedule="onecycle",
-                  warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=2, flip=False),
-    "fashion_mnist": dict(model="seed_cnn", epochs=15, batch_size=128, optimizer="adam", lr=2e-3, schedule="onecycle",
+    "mnist": dict(model="mnist_cnn", epochs=12, batch_size=64, optimizer="adam", lr=2e-3, schedule="onecycle",
+                  warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=2, flip=False),
+    "fashion_mnist": dict(model="mnist_cnn", epochs=15, batch_size=128, optimizer="adam", lr=2e-3, schedule="onecycle",
                           warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=2, flip=True),
     "cifar10": dict(model="convnetjs_cifar", epochs=30, batch_size=128, optimizer="adam", lr=4e-3, schedule="onecycle",
                     warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=4, flip=True),
@@ -72,7 +72,7 @@ MODEL_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
 }
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64 needs jax_enable_x64
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -138,10 +138,10 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
 
 
 def normalise(x, mean, std):
-    """uint8 pixels -> (x / 255 - mean) / std; float data -> (x - mean) / std."""
+    """uint8 pixels -> (x / 255 - mean) / std; float data -> (x - mean) / std (in ``mean``'s dtype)."""
     if jnp.issubdtype(x.dtype, jnp.integer):
-        x = x.astype(jnp.float32) / 255.0
-    return (x.astype(jnp.float32) - mean) / std
+        x = x.astype(mean.dtype) / 255.0
+    return (x.astype(mean.dtype) - mean) / std
 
 
 def augment(key, x, *, crop: int, flip: bool):
@@ -160,8 +160,8 @@ def augment(key, x, *, crop: int, flip: bool):
 
 
 def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info):
-    mean = jnp.asarray(info.mean, jnp.float32)
-    std = jnp.asarray(info.std, jnp.float32)
+    real = jnp.float64 if config.dtype == "float64" else jnp.float32
+    mean, std = jnp.asarray(info.mean, real), jnp.asarray(info.std, real)
 
     def train_step(state: TrainState, images, labels, order, i):
         idx = jax.lax.dynamic_index_in_dim(order, i, keepdims=False)
@@ -170,7 +170,7 @@ def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info):
 
         def loss_fn(params):
             model = nnx.merge(graphdef_train, params, state.model_state, copy=True)
-            logits = model(x).astype(jnp.float32)
+            logits = model(x).astype(real)
             loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
 
@@ -182,7 +182,7 @@ def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info):
 
     def eval_step(state: TrainState, images, labels, idx, mask):
         model = nnx.merge(graphdef_eval, state.params, state.model_state)
-        logits = model(normalise(images[idx], mean, std)).astype(jnp.float32)
+        logits = model(normalise(images[idx], mean, std)).astype(real)
         y = labels[idx]
         losses = F.cross_entropy(logits, y, reduction="none")
         pred = jnp.argmax(logits, -1)
@@ -242,7 +242,11 @@ def restore_checkpoint(manager, template: TrainState):
     if epoch is None:
         return None, 0
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _as_tree(template))
-    tree = manager.restore(epoch, args=ocp.args.StandardRestore(target))
+    try:
+        tree = manager.restore(epoch, args=ocp.args.StandardRestore(target))
+    except ValueError as err:
+        raise ValueError(f"the checkpoint of epoch {epoch} in {manager.directory} does not match this run's model and "
+                         f"optimizer (were --model, --optimizer or --dtype changed?): {str(err).splitlines()[0]}") from err
     leaves = [jnp.asarray(tree[k]) for k in sorted(tree)]
     return jax.tree.unflatten(jax.tree.structure(template), leaves), epoch
 
@@ -270,8 +274,10 @@ class _Progress:
 
 
 def init_state(config: TrainConfig, input_shape, num_classes: int, steps_per_epoch: int):
+    wide = config.dtype == "float64"  # parameters in float64 too, for gradient comparisons
     model = create_model(config.model, input_shape=input_shape, num_classes=num_classes, grad=config.grad,
-                         dtype=DTYPES[config.dtype] if config.dtype != "float32" else None, seed=config.seed)
+                         dtype=DTYPES[config.dtype] if config.dtype == "bfloat16" else None,
+                         param_dtype=jnp.float64 if wide else jnp.float32, seed=config.seed)
     model.train()
     graphdef_train, params, model_state = nnx.split(model, nnx.Param, ...)
     model.eval()

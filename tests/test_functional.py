@@ -222,6 +222,7 @@ def test_dense_relu_flatten_global_pool(rng):
     np.testing.assert_allclose(F.dense(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), precision="highest"),
                                x @ w + b, rtol=1e-5)
     np.testing.assert_array_equal(F.relu(jnp.array([-1.0, 0.0, 2.0])), [0, 0, 2])
+    assert np.isnan(F.relu(jnp.array([np.nan])))[0]  # as torch.relu: a NaN is not hidden
     assert F.flatten(jnp.zeros((2, 3, 4, 5))).shape == (2, 60)
     img = rng.normal(size=(2, 3, 4, 5))
     np.testing.assert_allclose(F.global_avg_pool(jnp.asarray(img)), img.mean(axis=(1, 2)), rtol=1e-12)

@@ -1,0 +1,70 @@
+"""The command line: the main job, summary, gradcheck, eval, and one-line errors with exit status 2."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxconv.cli import main
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "jaxconv", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_bare_train_defaults_and_eval(tmp_path):
+    # The README's main job with fewer epochs: MNIST-1D, mnist1d_cnn, no download.
+    done = run_cli("train", "--epochs", "2", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert "mnist1d" in done.stdout and "mnist1d_cnn" in done.stdout and "epoch   2/2" in done.stdout
+    assert "confusion matrix" in done.stdout
+    for name in ("metrics.jsonl", "curves.png", "config.json", "checkpoints"):
+        assert (tmp_path / "run" / name).exists()
+    evaluated = run_cli("eval", "--out", str(tmp_path / "run"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "checkpoint of epoch 2" in evaluated.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "resnet9000"], "argument --model: invalid choice: 'resnet9000'"),
+    (["train", "--dataset", "svhn"], "argument --dataset: invalid choice: 'svhn'"),
+    (["train", "--epochs", "-3"], "--epochs must be >= 0, got -3"),
+    (["train", "--dataset", "mnist1d", "--model", "lenet5"],
+     "create_model: lenet5 takes 2-D inputs like (28, 28, 1), got input shape (40, 1)"),
+    (["train", "--dataset", "mnist", "--data-dir", "/no/such/dir"], "--data-dir /no/such/dir does not exist"),
+    (["train", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["summary"], "the following arguments are required: --model"),
+])
+def test_bad_flags_one_line_exit_2(tmp_path, capsys, argv, message):
+    if argv[0] == "train":
+        argv = argv + ["--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as exit_info:
+        code = main(argv)
+        raise SystemExit(code)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_missing_dataset_files_exit_2_fast(tmp_path):
+    done = run_cli("train", "--dataset", "cifar10", "--out", str(tmp_path / "r"),
+                   env={"JAXCONV_DATA": str(tmp_path / "empty"), "HOME": str(tmp_path)})
+    assert done.returncode == 2
+    assert "no cifar10 data on this machine" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_summary_prints_the_table(capsys):
+    assert main(["summary", "--model", "lenet5"]) == 0
+    out = capsys.readouterr().out
+    assert "total params: 61,706" in out and "receptive field" in out
+    assert main(["summary", "--model", "seed_cnn", "--dataset", "cifar10"]) == 0
+    assert "input (32, 32, 3)" in capsys.readouterr().out
+
+
+def test_gradcheck_passes_and_reports_the_ratio():
+    done = run_cli("gradcheck", "--model", "mnist1d_cnn", "--timing-batch", "32")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "float64" in done.stdout and "float32" in done.stdout and "manual/auto =" in done.stdout
+    assert "all within" in done.stdout

@@ -1,0 +1,155 @@
+"""Short real training runs: loss goes down, resume is exact, NaN stops, manual == auto gradients."""
+import io
+import json
+import os
+import pickle
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxconv.data import Dataset, Split, load_dataset
+from jaxconv.train import TrainConfig, TrainingDiverged, fit, init_state, make_steps, resolve
+from jaxconv.data import DATASETS
+from tests.conftest import SHARED_DATA
+from tests.test_data import MNIST_DIR, needs_mnist
+
+CIFAR_JPEG = os.path.join(SHARED_DATA, "cifar10-jpeg.tar.gz")
+quiet = lambda *args: None
+
+
+def subset(data: Dataset, n_train, n_test):
+    return Dataset(data.name, Split(data.train.images[:n_train], data.train.labels[:n_train]),
+                   Split(data.test.images[:n_test], data.test.labels[:n_test]), data.source)
+
+
+def losses_fall(history):
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"], history
+    assert history[-1]["test_accuracy"] > 0.2  # well above the 10 % of chance
+
+
+def test_mnist1d_family(tmp_path):
+    data = subset(load_dataset("mnist1d"), 1000, 300)
+    history = fit(TrainConfig(epochs=10, out=str(tmp_path)), dataset=data, log=quiet)
+    losses_fall(history)
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [l["epoch"] for l in lines[:-1]] == list(range(1, 11))
+    assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s", "wall_s"} <= set(lines[0])
+    assert np.array(lines[-1]["confusion_matrix"]).sum() == 300  # every test example counted once
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@needs_mnist
+def test_mnist_family_on_real_digits(tmp_path):
+    data = subset(load_dataset("mnist", data_dir=MNIST_DIR), 1024, 500)
+    history = fit(TrainConfig(dataset="mnist", model="lenet5", epochs=3, batch_size=64, out=str(tmp_path)),
+                  dataset=data, log=quiet)
+    losses_fall(history)
+
+
+def real_cifar_slice(folder, per_class=20):
+    """A few real CIFAR-10 images per class, from the shared JPEG archive, as official pickles."""
+    from PIL import Image
+    wanted = {"train": per_class, "test": per_class // 2}
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    got = {s: {c: [] for c in classes} for s in wanted}
+    with tarfile.open(CIFAR_JPEG) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 3 and len(got[parts[0]][parts[1]]) < wanted[parts[0]]:
+                img = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+                got[parts[0]][parts[1]].append(img)
+    os.makedirs(folder, exist_ok=True)
+    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        x = np.stack([img for c in classes for img in got[split][c]])
+        y = [i for i, c in enumerate(classes) for _ in got[split][c]]
+        order = np.random.default_rng(0).permutation(len(x))
+        rows = x[order].transpose(0, 3, 1, 2).reshape(len(x), 3072)
+        for k, name in enumerate(names):
+            sl = slice(k * len(x) // len(names), (k + 1) * len(x) // len(names))
+            with open(os.path.join(folder, name), "wb") as f:
+                pickle.dump({b"data": rows[sl], b"labels": [y[i] for i in order[sl]]}, f)
+
+
+@pytest.mark.skipif(not os.path.exists(CIFAR_JPEG), reason="../shared/data/cifar10-jpeg.tar.gz not present")
+def test_cifar_family_on_real_images(tmp_path):
+    real_cifar_slice(str(tmp_path / "data" / "cifar-10-batches-py"))
+    history = fit(TrainConfig(dataset="cifar10", epochs=6, batch_size=20, lr=3e-3, data_dir=str(tmp_path / "data"),
+                              out=str(tmp_path / "run")), log=quiet)
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"], history
+
+
+def test_tfds_mock_family(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+        data = load_dataset("fashion_mnist", source="tfds")
+    history = fit(TrainConfig(dataset="fashion_mnist", model="lenet5", epochs=5, batch_size=16, lr=3e-3,
+                              out=str(tmp_path)), dataset=data, log=quiet)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
+    data = subset(load_dataset("mnist1d"), 800, 200)
+    config = dict(epochs=3, crop=2, out=None)
+    full = fit(TrainConfig(**{**config, "out": str(tmp_path / "full")}), dataset=data, log=quiet)
+
+    def kill_after_first_epoch(line):
+        if line.startswith("epoch   1/3"):
+            raise Killed  # after epoch 1's checkpoint was written, before epoch 2 starts
+    run = TrainConfig(**{**config, "out": str(tmp_path / "killed")})
+    with pytest.raises(Killed):
+        fit(run, dataset=data, log=kill_after_first_epoch)
+    resumed = fit(run, dataset=data, log=quiet, resume=True)
+    assert [h["epoch"] for h in resumed] == [1, 2, 3]
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert resumed[-1][key] == full[-1][key], key
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = subset(load_dataset("mnist1d"), 400, 100)
+    fit(TrainConfig(epochs=1, out=str(tmp_path)), dataset=data, log=quiet)  # one good epoch: 4 steps
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step \d+ \(epoch 2\); training stopped\. "
+                                               r"The last good checkpoint is epoch 1"):
+        corrupt = subset(data, 400, 100)
+        corrupt.train.images = corrupt.train.images.copy()
+        corrupt.train.images[17, 5, 0] = np.nan  # a corrupt sample: its batch's loss is NaN
+        fit(TrainConfig(epochs=3, out=str(tmp_path)), dataset=corrupt, log=quiet, resume=True)
+    from jaxconv.train import _checkpointer
+    assert _checkpointer(str(tmp_path)).latest_step() == 1
+    with pytest.raises(ValueError, match="does not match this run's model and optimizer"):
+        fit(TrainConfig(epochs=3, optimizer="sgd", out=str(tmp_path)), dataset=data, log=quiet, resume=True)
+
+
+def test_manual_and_auto_training_agree_step_by_step():
+    data = subset(load_dataset("mnist1d"), 500, 100)
+    losses = {}
+    for grad in ("auto", "manual"):
+        config = resolve(TrainConfig(grad=grad, dtype="float64", crop=2, batch_size=50, out="unused"))
+        info = DATASETS["mnist1d"]
+        state, g_train, g_eval, tx = init_state(config, (40, 1), 10, steps_per_epoch=10)
+        train_step, _ = make_steps(g_train, g_eval, tx, config, info)
+        images, labels = jnp.asarray(data.train.images, jnp.float64), jnp.asarray(data.train.labels)
+        order = jnp.arange(500).reshape(10, 50)
+        trace = []
+        for i in range(50):
+            state, m = train_step(state, images, labels, order, i % 10)
+            trace.append(float(m["loss"]))
+        losses[grad] = np.array(trace)
+    assert np.max(np.abs(losses["manual"] - losses["auto"]) / np.abs(losses["auto"])) <= 1e-9
+    assert losses["auto"][-1] < losses["auto"][0]
+
+
+def test_resolve_fills_recipes_and_rejects_bad_values():
+    c = resolve(TrainConfig())
+    assert (c.model, c.optimizer, c.out) == ("mnist1d_cnn", "adam", os.path.join("runs", "mnist1d_mnist1d_cnn_s0"))
+    assert resolve(TrainConfig(model="mnist1d_deep")).epochs == 30
+    for bad, message in [(dict(epochs=-1), "--epochs must be >= 0, got -1"), (dict(lr=0.0), "--lr must be > 0"),
+                         (dict(model="vgg99"), "unknown model 'vgg99'"), (dict(dataset="svhn"), "unknown dataset")]:
+        with pytest.raises(ValueError, match=message):
+            resolve(TrainConfig(**bad))
