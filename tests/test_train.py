@@ -153,3 +153,9 @@ def test_resolve_fills_recipes_and_rejects_bad_values():
                          (dict(model="vgg99"), "unknown model 'vgg99'"), (dict(dataset="svhn"), "unknown dataset")]:
         with pytest.raises(ValueError, match=message):
             resolve(TrainConfig(**bad))
+
+
+def test_bfloat16_compute_trains(tmp_path):
+    data = subset(load_dataset("mnist1d"), 1000, 200)
+    history = fit(TrainConfig(epochs=10, dtype="bfloat16", out=str(tmp_path)), dataset=data, log=quiet)
+    losses_fall(history)
