@@ -81,9 +81,10 @@ def _train(args) -> int:
             raise ValueError(f"--resume: no run to resume at {os.path.dirname(path)}")
         with open(path) as f:
             stored = json.load(f)
-        # The stored run wins, except for flags given explicitly now (e.g. more --epochs).
-        explicit = {k: v for k, v in given.items() if v is not None and v != build_parser().parse_args(
-            ["train"]).__dict__.get(k)}
+        # The stored run wins, except for flags given now with a value other than their default
+        # (e.g. more --epochs).
+        defaults = vars(build_parser().parse_args(["train"]))
+        explicit = {k: v for k, v in given.items() if v is not None and v != defaults.get(k)}
         config = TrainConfig(**{**stored, **explicit})
     else:
         config = TrainConfig(**given)

@@ -68,3 +68,14 @@ def test_gradcheck_passes_and_reports_the_ratio():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "float64" in done.stdout and "float32" in done.stdout and "manual/auto =" in done.stdout
     assert "all within" in done.stdout
+
+
+def test_resume_from_the_command_line_extends_a_run(tmp_path):
+    out = str(tmp_path / "run")
+    assert run_cli("train", "--epochs", "1", "--out", out).returncode == 0
+    done = run_cli("train", "--resume", "--epochs", "2", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stdout and "after epoch 1" in done.stdout and "epoch   2/2" in done.stdout
+    assert "epoch   1/" not in done.stdout
+    missing = run_cli("train", "--resume", "--out", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no run to resume" in missing.stderr
