@@ -271,8 +271,11 @@ def window_slices(padded_shape, window, stride, out_spatial):
         yield offset, start, limit, (1, *stride, 1)
 
 
-def pool_output_spatial(in_spatial, window, stride, pads):
-    return tuple((w + lo + hi - k) // s + 1 for w, (lo, hi), k, s in zip(in_spatial, pads, window, stride))
+def output_spatial(in_spatial, pads, window, stride, dilation=None):
+    """Per-axis output sizes: ``floor((W + P_lo + P_hi - M) / S) + 1``, ``M = K + (K-1)(D-1)``."""
+    dilation = dilation or (1,) * len(window)
+    return tuple((w + lo + hi - effective_kernel(k, d)) // s + 1
+                 for w, (lo, hi), k, s, d in zip(in_spatial, pads, window, stride, dilation))
 
 
 def max_pool(x, window, *, stride=None, padding: Padding = "VALID"):
@@ -293,7 +296,7 @@ def max_pool(x, window, *, stride=None, padding: Padding = "VALID"):
     window, stride, pads = pool_geometry(x, window, fn="max_pool", stride=stride, padding=padding)
     low = -np.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
     x_pad = jnp.pad(x, ((0, 0),) + pads + ((0, 0),), constant_values=np.array(low, x.dtype))
-    out_spatial = pool_output_spatial(x.shape[1:-1], window, stride, pads)
+    out_spatial = output_spatial(x.shape[1:-1], pads, window, stride)
     y = None
     for _, start, limit, strides in window_slices(x_pad.shape, window, stride, out_spatial):
         s = lax.slice(x_pad, start, limit, strides)
@@ -305,7 +308,7 @@ def window_counts(in_spatial, window, stride, pads):
     """How many real (non-padding) elements each pooling window covers: ``[*out_spatial]`` numpy."""
     ones = np.ones(in_spatial, np.float64)
     padded = np.pad(ones, pads)
-    out = [(w + lo + hi - k) // s + 1 for w, (lo, hi), k, s in zip(in_spatial, pads, window, stride)]
+    out = output_spatial(in_spatial, pads, window, stride)
     counts = np.zeros(out)
     for offset in np.ndindex(*window):
         idx = tuple(slice(o, o + s * (m - 1) + 1, s) for o, s, m in zip(offset, stride, out))

@@ -16,7 +16,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxconv import functional as F
@@ -29,13 +28,6 @@ def _check_g(g, expected_shape, *, fn: str):
         raise ValueError(
             f"{fn}: `g` must have the forward output's shape {tuple(expected_shape)}, got {tuple(g.shape)}"
         )
-
-
-def _out_spatial(in_spatial, pads, window, stride, dilation):
-    return tuple(
-        (w + lo + hi - F.effective_kernel(k, d)) // s + 1
-        for w, (lo, hi), k, s, d in zip(in_spatial, pads, window, stride, dilation)
-    )
 
 
 # --------------------------------------------------------------------------- convolution
@@ -76,7 +68,7 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     n = x.ndim - 2
     kernel = tuple(w.shape[:n])
     in_spatial = tuple(x.shape[1:-1])
-    out_spatial = _out_spatial(in_spatial, pads, kernel, stride, dilation)
+    out_spatial = F.output_spatial(in_spatial, pads, kernel, stride, dilation)
     _check_g(g, (x.shape[0], *out_spatial, w.shape[-1]), fn=fn)
     spans = [F.effective_kernel(k, d) for k, d in zip(kernel, dilation)]
     lhs_spec, rhs_spec, out_spec = F.conv_dimension_numbers(n)
@@ -132,7 +124,7 @@ def max_pool_vjp(g, x, window, *, stride=None, padding="VALID"):
     """
     fn = "max_pool_vjp"
     window, stride, pads = F.pool_geometry(x, window, fn=fn, stride=stride, padding=padding)
-    out_spatial = _out_spatial(x.shape[1:-1], pads, window, stride, (1,) * len(window))
+    out_spatial = F.output_spatial(x.shape[1:-1], pads, window, stride)
     _check_g(g, (x.shape[0], *out_spatial, x.shape[-1]), fn=fn)
     x_pad = jnp.pad(x, ((0, 0),) + pads + ((0, 0),), constant_values=-jnp.inf)
     y = F.max_pool(x, window, stride=stride, padding=padding)
@@ -149,7 +141,7 @@ def avg_pool_vjp(g, x, window, *, stride=None, padding="VALID", count_include_pa
     """Cotangent of :func:`jaxconv.functional.avg_pool`: each window spreads ``g / divisor`` evenly."""
     fn = "avg_pool_vjp"
     window, stride, pads = F.pool_geometry(x, window, fn=fn, stride=stride, padding=padding)
-    out_spatial = _out_spatial(x.shape[1:-1], pads, window, stride, (1,) * len(window))
+    out_spatial = F.output_spatial(x.shape[1:-1], pads, window, stride)
     _check_g(g, (x.shape[0], *out_spatial, x.shape[-1]), fn=fn)
     if count_include_pad:
         share = g / math.prod(window)

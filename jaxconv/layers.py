@@ -110,9 +110,8 @@ class Conv(Layer):
                              f"{len(self.kernel_size) + 1}, got shape {tuple(in_shape)}")
         pads = self._pads(in_shape[:-1])
         F._check_fits("Conv", in_shape[:-1], pads, self.kernel_size, self.dilation)
-        spatial = [(w + lo + hi - F.effective_kernel(k, d)) // s + 1
-                   for w, (lo, hi), k, s, d in zip(in_shape[:-1], pads, self.kernel_size, self.stride, self.dilation)]
-        return (*spatial, self.kernel.shape[-1])
+        return (*F.output_spatial(in_shape[:-1], pads, self.kernel_size, self.stride, self.dilation),
+                self.kernel.shape[-1])
 
     def geometry_for(self, in_shape):
         pads = self._pads(in_shape[:-1])
@@ -185,8 +184,7 @@ class _Pool(Layer):
     def output_shape(self, in_shape):
         window, stride, pads = self._resolved(in_shape)
         F._check_fits(type(self).__name__, in_shape[:-1], pads, window, (1,) * len(window), what="window")
-        return (*[(w + lo + hi - k) // s + 1 for w, (lo, hi), k, s in zip(in_shape[:-1], pads, window, stride)],
-                in_shape[-1])
+        return (*F.output_spatial(in_shape[:-1], pads, window, stride), in_shape[-1])
 
     def geometry_for(self, in_shape):
         window, stride, pads = self._resolved(in_shape)

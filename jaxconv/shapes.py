@@ -9,10 +9,10 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from flax import nnx
 
 from jaxconv import functional as F
 from jaxconv import layers as L
+from jaxconv.models import count_params
 
 
 def conv_output_size(size: int, kernel: int, *, stride: int = 1, padding=0, dilation: int = 1,
@@ -42,11 +42,6 @@ def conv_output_size(size: int, kernel: int, *, stride: int = 1, padding=0, dila
             f"{float(exact):.2f}, not an integer"
         )
     return span // stride + 1
-
-
-def count_params(layer) -> int:
-    """Scalar parameters held by a layer or model."""
-    return int(sum(v.size for v in nnx.to_flat_state(nnx.state(layer, nnx.Param)).leaves))
 
 
 def layer_flops(layer, in_shape, out_shape) -> int:

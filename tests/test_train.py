@@ -5,7 +5,6 @@ import os
 import pickle
 import tarfile
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
