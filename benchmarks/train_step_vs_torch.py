@@ -14,30 +14,16 @@ import time
 import jax
 import numpy as np
 import optax
-from flax import nnx
-
-from jaxconv import functional as F
 from jaxconv import layers as L
+from jaxconv.gradcheck import jitted_train_step
 from jaxconv.models import create_model
 
 
 def jax_step(model, batch):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.sgd(0.01, momentum=0.9)
-    opt_state = tx.init(params)
     x = jax.random.normal(jax.random.key(0), (batch, *model.input_shape))
     y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
-
-    @jax.jit
-    def step(params, opt_state, rest):
-        def loss_fn(p):
-            m = nnx.merge(graphdef, p, rest, copy=True)
-            return F.cross_entropy(m(x), y), nnx.state(m, nnx.Not(nnx.Param))
-        (loss, rest), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, rest, loss
-
-    state = [params, opt_state, rest]
+    step, state = jitted_train_step(model, x, y, optax.sgd(0.01, momentum=0.9))
+    state = list(state)
 
     def run():
         *state[:], loss = step(*state)

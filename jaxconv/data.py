@@ -302,9 +302,9 @@ def _not_found(name: str, data_dir: str | None) -> DataError:
     wanted = ("cifar-10-python.tar.gz, cifar-10-batches-py/ or cifar-10-batches-bin/" if name == "cifar10" else
               "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
               "t10k-labels-idx1-ubyte.gz")
-    looked = [f for f in _raw_candidates(name, data_dir)]
+    looked = ", ".join(_raw_candidates(name, data_dir))
     return DataError(
-        f"no {name} data on this machine (nothing is downloaded). Looked for {wanted} in: {', '.join(looked)}; "
+        f"no {name} data on this machine (nothing is downloaded). Looked for {wanted} in: {looked}; "
         f"and for a prepared tensorflow-datasets copy in {data_dir or '~/tensorflow_datasets'}. "
         f"Put the official files in a folder and pass --data-dir FOLDER, or use --source tfds with a prepared copy."
     )

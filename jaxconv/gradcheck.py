@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxconv import functional as F
@@ -166,20 +167,21 @@ def _shift(params, path, delta):
     return nnx.from_flat_state(flat)
 
 
-def _sgd_step(name: str, grad: str, batch: int, seed: int):
-    model = create_model(name, seed=seed, grad=grad)
+def jitted_train_step(model, x, y, tx):
+    """A jitted ``step(params, opt_state, rest) -> (params, opt_state, rest, loss)`` for ``model`` on a
+    fixed batch, and its initial ``(params, opt_state, rest)``: what the timing scripts run."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    x, y = _batch(model, batch, seed, jnp.float32)
 
     @jax.jit
-    def step(p, r):
+    def step(p, opt_state, r):
         def loss_fn(p):
             m = nnx.merge(graphdef, p, r, copy=True)
             return F.cross_entropy(m(x), y), nnx.state(m, nnx.Not(nnx.Param))
         (loss, r), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
-        return jax.tree.map(lambda a, b: a - 0.01 * b, p, g), r, loss
+        updates, opt_state = tx.update(g, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, r, loss
 
-    return step, (params, rest)
+    return step, (params, tx.init(params), rest)
 
 
 def step_time_ratio(name: str, *, batch: int = 128, rounds: int = 30, seed: int = 0):
@@ -188,10 +190,13 @@ def step_time_ratio(name: str, *, batch: int = 128, rounds: int = 30, seed: int 
     Both are compiled first, then timed in alternation, one step of each per round, so that a
     noisy machine slows both alike.
     """
-    steps = {grad: _sgd_step(name, grad, batch, seed) for grad in ("auto", "manual")}
+    steps = {}
+    for grad in ("auto", "manual"):
+        model = create_model(name, seed=seed, grad=grad)
+        steps[grad] = jitted_train_step(model, *_batch(model, batch, seed, jnp.float32), optax.sgd(0.01))
     states = {}
-    for grad, (step, (params, rest)) in steps.items():
-        states[grad] = step(params, rest)[:2]
+    for grad, (step, state) in steps.items():
+        states[grad] = step(*state)[:3]
         jax.block_until_ready(states[grad])
     samples = {"auto": [], "manual": []}
     for _ in range(rounds):

@@ -332,10 +332,9 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: Dataset | None = 
         f"grad={config.grad} dtype={config.dtype} on {jax.devices()[0].platform}")
     progress = _Progress(sys.stderr)
     wall_start = time.perf_counter() - (history[-1]["wall_s"] if history else 0.0)
-    base_key = jax.random.PRNGKey(config.seed)
     preds = None
     for epoch in range(start_epoch, config.epochs):
-        order = jax.random.permutation(jax.random.fold_in(base_key, epoch), n_train)[: steps * batch]
+        order = jax.random.permutation(jax.random.fold_in(state.key, epoch), n_train)[: steps * batch]
         order = order.reshape(steps, batch)
         t0 = time.perf_counter()
         losses, correct = [], []
