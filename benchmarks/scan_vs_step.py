@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 
+from jaxconv import compiler
 from jaxconv.data import DATASETS, load_dataset
 from jaxconv.train import TrainConfig, init_state, make_steps, resolve
 
@@ -39,7 +40,7 @@ def main():
             state, m = step_jit(state, images, labels, order, i)
         return state, m["loss"]
 
-    @jax.jit
+    @compiler.jit
     def scanned(state):
         def body(s, i):
             s, m = step_raw(s, images, labels, order, i)

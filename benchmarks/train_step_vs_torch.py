@@ -14,15 +14,16 @@ import time
 import jax
 import numpy as np
 import optax
+from jaxconv import compiler
 from jaxconv import layers as L
 from jaxconv.gradcheck import jitted_train_step
 from jaxconv.models import create_model
 
 
-def jax_step(model, batch):
+def jax_step(model, batch, jit=compiler.jit):
     x = jax.random.normal(jax.random.key(0), (batch, *model.input_shape))
     y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
-    step, state = jitted_train_step(model, x, y, optax.sgd(0.01, momentum=0.9))
+    step, state = jitted_train_step(model, x, y, optax.sgd(0.01, momentum=0.9), jit=jit)
     state = list(state)
 
     def run():
@@ -105,6 +106,7 @@ def main():
     model = create_model(args.model)
     contenders = {"jaxconv (jit, NHWC)": jax_step(model, args.batch),
                   "jaxconv grad=manual": jax_step(create_model(args.model, grad="manual"), args.batch),
+                  "jaxconv, XLA defaults": jax_step(model, args.batch, jit=jax.jit),
                   "torch NCHW": torch_step(model, args.batch, False)}
     if len(model.input_shape) == 3:
         contenders["torch channels_last"] = torch_step(model, args.batch, True)
@@ -121,7 +123,7 @@ def main():
     best_torch = min(v for k, v in med.items() if k.startswith("torch"))
     print(f"{args.model}, batch {args.batch}, float32, {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
           f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"median of {args.rounds} rounds")
+          f"median of {args.rounds} rounds; jaxconv's XLA options: {compiler.compiler_options() or 'none'}")
     print(f"{'contender':24s} {'ms/step':>9s} {'images/s':>10s} {'vs best torch':>14s}")
     for name, t in med.items():
         print(f"{name:24s} {t * 1e3:9.2f} {args.batch / t:10.0f} {best_torch / t:13.2f}x")

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxconv import compiler
 from jaxconv import functional as F
 from jaxconv import grads as G
 from jaxconv.backprop import manual_value_and_grad
@@ -167,12 +168,15 @@ def _shift(params, path, delta):
     return nnx.from_flat_state(flat)
 
 
-def jitted_train_step(model, x, y, tx):
+def jitted_train_step(model, x, y, tx, *, jit=compiler.jit):
     """A jitted ``step(params, opt_state, rest) -> (params, opt_state, rest, loss)`` for ``model`` on a
-    fixed batch, and its initial ``(params, opt_state, rest)``: what the timing scripts run."""
+    fixed batch, and its initial ``(params, opt_state, rest)``: what the timing scripts run.
+
+    ``jit`` compiles it: jaxconv's (with :mod:`jaxconv.compiler`'s options) unless told otherwise,
+    e.g. ``jit=jax.jit`` for XLA's defaults."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    @jax.jit
+    @jit
     def step(p, opt_state, r):
         def loss_fn(p):
             m = nnx.merge(graphdef, p, r, copy=True)

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxconv import compiler
 from jaxconv import functional as F
 from jaxconv.data import DATASETS, Dataset, load_dataset
 from jaxconv.models import MODELS, create_model
@@ -188,7 +189,7 @@ def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info):
         pred = jnp.argmax(logits, -1)
         return jnp.sum(losses * mask), jnp.sum((pred == y) * mask), pred
 
-    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+    return compiler.jit(train_step, donate_argnums=0), compiler.jit(eval_step)
 
 
 def evaluate(eval_step, state, images, labels, batch_size: int):

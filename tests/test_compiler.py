@@ -1,0 +1,70 @@
+"""jaxconv.compiler: per-function XLA options, and when they are left out."""
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxconv import compiler
+from jaxconv.gradcheck import jitted_train_step
+from jaxconv.models import create_model
+
+KEY = "xla_cpu_experimental_ynn_fusion_type"
+
+
+@pytest.fixture
+def fresh_probe():
+    compiler._accepted_cpu_options.cache_clear()
+    yield
+    compiler._accepted_cpu_options.cache_clear()
+
+
+def test_cpu_gets_the_options(monkeypatch, fresh_probe):
+    monkeypatch.delenv("JAXCONV_XLA_OPTIONS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert compiler.compiler_options("cpu") == compiler.CPU_OPTIONS
+
+
+@pytest.mark.parametrize("env, flags, backend", [
+    ({"JAXCONV_XLA_OPTIONS": "0"}, "", "cpu"),
+    ({"JAXCONV_XLA_OPTIONS": "off"}, "", "cpu"),
+    ({}, f"--{KEY}=", "cpu"),
+    ({}, "", "gpu"),
+    ({}, "", "tpu"),
+])
+def test_options_left_out(monkeypatch, env, flags, backend):
+    monkeypatch.delenv("JAXCONV_XLA_OPTIONS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert compiler.compiler_options(backend) == {}
+
+
+def test_an_option_this_jaxlib_rejects_is_dropped(monkeypatch, fresh_probe):
+    monkeypatch.setattr(compiler, "CPU_OPTIONS", {"xla_cpu_no_such_option": "1", KEY: "NOT_A_FUSION_TYPE"})
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert compiler.compiler_options("cpu") == {}
+    assert float(compiler.jit(lambda x: x * 2)(3.0)) == 6.0
+
+
+def test_caller_options_win(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(compiler.jax, "jit", lambda f, **kw: seen.update(kw) or f)
+    compiler.jit(abs, compiler_options={KEY: "LIBRARY_FUSION_TYPE_DOT"}, donate_argnums=0)
+    assert seen["compiler_options"][KEY] == "LIBRARY_FUSION_TYPE_DOT" and seen["donate_argnums"] == 0
+
+
+def test_training_steps_agree_with_xla_defaults():
+    """Same model, same batch: jaxconv's options change the kernels XLA picks, not the numbers."""
+    model = create_model("lenet5", seed=3)
+    x = jax.random.normal(jax.random.key(0), (16, *model.input_shape))
+    y = jax.random.randint(jax.random.key(1), (16,), 0, 10)
+    losses = {}
+    for name, jit in (("jaxconv", compiler.jit), ("xla", jax.jit)):
+        step, state = jitted_train_step(model, x, y, optax.sgd(0.1, momentum=0.9), jit=jit)
+        trace = []
+        for _ in range(5):
+            *state, loss = step(*state)
+            trace.append(float(loss))
+        losses[name] = trace
+    np.testing.assert_allclose(losses["jaxconv"], losses["xla"], rtol=1e-5)
+    assert losses["xla"][-1] < losses["xla"][0]
