@@ -9,27 +9,19 @@ machine slows all of them alike; the median step time of each is reported.
 """
 import argparse
 import os
-import time
 
 import jax
-import numpy as np
 import optax
 from jaxconv import compiler
 from jaxconv import layers as L
-from jaxconv.gradcheck import jitted_train_step
+from jaxconv.gradcheck import step_runner, alternating_medians, jitted_train_step
 from jaxconv.models import create_model
 
 
 def jax_step(model, batch, jit=compiler.jit):
     x = jax.random.normal(jax.random.key(0), (batch, *model.input_shape))
     y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
-    step, state = jitted_train_step(model, x, y, optax.sgd(0.01, momentum=0.9), jit=jit)
-    state = list(state)
-
-    def run():
-        *state[:], loss = step(*state)
-        jax.block_until_ready(loss)
-    return run
+    return step_runner(*jitted_train_step(model, x, y, optax.sgd(0.01, momentum=0.9), jit=jit))
 
 
 def torch_model(model):
@@ -113,17 +105,11 @@ def main():
     for run in contenders.values():  # compile / warm up
         for _ in range(3):
             run()
-    times = {k: [] for k in contenders}
-    for _ in range(args.rounds):
-        for name, run in contenders.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    med = alternating_medians(contenders, rounds=args.rounds)
     best_torch = min(v for k, v in med.items() if k.startswith("torch"))
     print(f"{args.model}, batch {args.batch}, float32, {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
           f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"median of {args.rounds} rounds; jaxconv's XLA options: {compiler.compiler_options() or 'none'}")
+          f"{args.rounds} rounds of 3 calls (first untimed), medians; jaxconv's XLA options: {compiler.compiler_options() or 'none'}")
     print(f"{'contender':24s} {'ms/step':>9s} {'images/s':>10s} {'vs best torch':>14s}")
     for name, t in med.items():
         print(f"{name:24s} {t * 1e3:9.2f} {args.batch / t:10.0f} {best_torch / t:13.2f}x")

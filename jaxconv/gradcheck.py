@@ -188,26 +188,43 @@ def jitted_train_step(model, x, y, tx, *, jit=compiler.jit):
     return step, (params, tx.init(params), rest)
 
 
-def step_time_ratio(name: str, *, batch: int = 128, rounds: int = 30, seed: int = 0):
-    """Median seconds of a jitted SGD training step with ``grad="manual"`` and ``grad="auto"``.
+def alternating_medians(runs: dict, *, rounds: int = 30, block: int = 3) -> dict:
+    """Median seconds per call of each ``runs[name]()`` (which must wait for its own result).
 
-    Both are compiled first, then timed in alternation, one step of each per round, so that a
-    noisy machine slows both alike.
+    Each round calls every contender ``block`` times in a row, so that a noisy machine slows all of
+    them alike; the first call of each block is not timed, so that the busy-waiting threads one
+    library leaves behind (OpenMP's, Eigen's) are not charged to the next. Call each once before,
+    to compile.
     """
-    steps = {}
+    samples = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            run()
+            for _ in range(block - 1):
+                start = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - start)
+    return {name: float(np.median(v)) for name, v in samples.items()}
+
+
+def step_time_ratio(name: str, *, batch: int = 128, rounds: int = 30, seed: int = 0):
+    """Median seconds of a jitted SGD training step with ``grad="manual"`` and ``grad="auto"``,
+    compiled first, then timed by :func:`alternating_medians`."""
+    runs = {}
     for grad in ("auto", "manual"):
         model = create_model(name, seed=seed, grad=grad)
-        steps[grad] = jitted_train_step(model, *_batch(model, batch, seed, jnp.float32), optax.sgd(0.01))
-    states = {}
-    for grad, (step, state) in steps.items():
-        states[grad] = step(*state)[:3]
-        jax.block_until_ready(states[grad])
-    samples = {"auto": [], "manual": []}
-    for _ in range(rounds):
-        for grad, (step, _) in steps.items():
-            start = time.perf_counter()
-            *state, loss = step(*states[grad])
-            jax.block_until_ready(loss)
-            samples[grad].append(time.perf_counter() - start)
-            states[grad] = state
-    return float(np.median(samples["manual"])), float(np.median(samples["auto"]))
+        step, state = jitted_train_step(model, *_batch(model, batch, seed, jnp.float32), optax.sgd(0.01))
+        runs[grad] = step_runner(step, state)
+        runs[grad]()
+    med = alternating_medians(runs, rounds=rounds)
+    return med["manual"], med["auto"]
+
+
+def step_runner(step, state):
+    """A no-argument call that advances ``step``'s state by one step and waits for the loss."""
+    state = list(state)
+
+    def run():
+        *state[:], loss = step(*state)
+        jax.block_until_ready(loss)
+    return run

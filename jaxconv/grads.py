@@ -120,20 +120,30 @@ def max_pool_vjp(g, x, window, *, stride=None, padding="VALID"):
     """Cotangent of :func:`jaxconv.functional.max_pool`.
 
     Each window's gradient goes to its first maximum in row-major window order (as JAX autodiff
-    does); where windows overlap, the contributions add.
+    does); where windows overlap, the contributions add. The forward's running maximum is redone
+    to find, per window offset, where a later element took over; the cotangent then walks that
+    chain backwards, so each window's ``g`` lands on the element that last took over.
     """
     fn = "max_pool_vjp"
     window, stride, pads = F.pool_geometry(x, window, fn=fn, stride=stride, padding=padding)
     out_spatial = F.output_spatial(x.shape[1:-1], pads, window, stride)
     _check_g(g, (x.shape[0], *out_spatial, x.shape[-1]), fn=fn)
     x_pad = jnp.pad(x, ((0, 0),) + pads + ((0, 0),), constant_values=-jnp.inf)
-    y = F.max_pool(x, window, stride=stride, padding=padding)
-    found = jnp.zeros(y.shape, bool)
-    dx_pad = jnp.zeros(x_pad.shape, g.dtype)
+    offsets, takes, best = [], [], None
     for offset, start, limit, strides in F.window_slices(x_pad.shape, window, stride, out_spatial):
-        hit = (lax.slice(x_pad, start, limit, strides) == y) & ~found
-        found = found | hit
-        dx_pad = dx_pad + _scatter_to_window(jnp.where(hit, g, 0), offset, stride, x_pad.shape)
+        s = lax.slice(x_pad, start, limit, strides)
+        offsets.append(offset)
+        if best is None:
+            best = s
+            continue
+        take = (s > best) | (s != s)  # the forward's rule: strict >, NaN wins
+        takes.append(take)
+        best = jnp.where(take, s, best)
+    dx_pad = jnp.zeros(x_pad.shape, g.dtype)
+    for offset, take in zip(offsets[:0:-1], takes[::-1]):
+        dx_pad = dx_pad + _scatter_to_window(jnp.where(take, g, 0), offset, stride, x_pad.shape)
+        g = jnp.where(take, 0, g)
+    dx_pad = dx_pad + _scatter_to_window(g, offsets[0], stride, x_pad.shape)
     return _crop(dx_pad, pads).astype(x.dtype)
 
 
