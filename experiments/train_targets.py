@@ -4,8 +4,8 @@
 
 Each run is exactly `jaxconv train --dataset D [--model M]` with the recipe defaults. Results are
 appended to runs/experiments/train_targets.md (one row per run, with the machine). Cost on 2 CPU
-cores: MNIST-1D runs well under a minute each, MNIST about a minute, Fashion-MNIST about 8
-minutes, CIFAR-10 (convnetjs_cifar) about 25 minutes.
+cores: MNIST-1D runs well under a minute each, MNIST under a minute, Fashion-MNIST about 4
+minutes, CIFAR-10 (convnetjs_cifar) about 13 minutes.
 """
 import argparse
 import os

@@ -68,6 +68,16 @@ def test_max_pool_ties_go_to_the_first_maximum_and_overlaps_add():
     np.testing.assert_array_equal(vjp(g)[0][0, :, :, 0], got)  # same rule as JAX autodiff
 
 
+def test_max_pool_nan_window_sends_its_gradient_where_autodiff_does():
+    x = jnp.array([[1.0, 5.0, 2.0, 3.0], [4.0, jnp.nan, 7.0, jnp.nan]]).reshape(1, 2, 4, 1)
+    g = jnp.array([10.0, 20.0]).reshape(1, 1, 2, 1)
+    auto = jax.vjp(lambda x: F.max_pool(x, 2), x)[1](g)[0]
+    manual = G.max_pool_vjp(g, x, 2)
+    np.testing.assert_array_equal(manual, auto)
+    # the first NaN in row-major window order takes each window's gradient
+    np.testing.assert_array_equal(manual.reshape(2, 4), [[0, 0, 0, 0], [0, 10, 0, 20]])
+
+
 def test_conv_and_pool_gradients_match_torch_autograd(rng):
     torch = pytest.importorskip("torch")
     tf = torch.nn.functional
