@@ -64,7 +64,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                   warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=2, flip=False),
     "fashion_mnist": dict(model="seed_cnn", epochs=15, batch_size=128, optimizer="adam", lr=2e-3, schedule="onecycle",
                           warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=0, flip=True),
-    "cifar10": dict(model="convnetjs_cifar", epochs=50, batch_size=128, optimizer="adam", lr=4e-3, schedule="onecycle",
+    "cifar10": dict(model="convnetjs_cifar", epochs=70, batch_size=128, optimizer="adam", lr=4e-3, schedule="onecycle",
                     warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=2, flip=True),
 }
 # Where a model wants a different recipe on a dataset than the dataset's default model.
