@@ -297,11 +297,21 @@ def max_pool(x, window, *, stride=None, padding: Padding = "VALID"):
     low = -np.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
     x_pad = jnp.pad(x, ((0, 0),) + pads + ((0, 0),), constant_values=np.array(low, x.dtype))
     out_spatial = output_spatial(x.shape[1:-1], pads, window, stride)
-    y = None
-    for _, start, limit, strides in window_slices(x_pad.shape, window, stride, out_spatial):
-        s = lax.slice(x_pad, start, limit, strides)
-        y = s if y is None else jnp.where((s > y) | (s != s), s, y)
-    return y
+    slices = [lax.slice(x_pad, start, limit, strides)
+              for _, start, limit, strides in window_slices(x_pad.shape, window, stride, out_spatial)]
+    return running_max(slices)[0]
+
+
+def running_max(slices):
+    """Fold window slices into their maximum, keeping the *first* maximum (strict ``>``) and letting
+    a NaN win, as ``lax.max`` does. Returns ``(maximum, takes)``: ``takes[k - 1]`` is where slice
+    ``k`` took over from the slices before it (what :func:`jaxconv.grads.max_pool_vjp` walks back)."""
+    best, takes = slices[0], []
+    for s in slices[1:]:
+        take = (s > best) | (s != s)
+        takes.append(take)
+        best = jnp.where(take, s, best)
+    return best, takes
 
 
 def window_counts(in_spatial, window, stride, pads):

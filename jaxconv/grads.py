@@ -129,16 +129,9 @@ def max_pool_vjp(g, x, window, *, stride=None, padding="VALID"):
     out_spatial = F.output_spatial(x.shape[1:-1], pads, window, stride)
     _check_g(g, (x.shape[0], *out_spatial, x.shape[-1]), fn=fn)
     x_pad = jnp.pad(x, ((0, 0),) + pads + ((0, 0),), constant_values=-jnp.inf)
-    offsets, takes, best = [], [], None
-    for offset, start, limit, strides in F.window_slices(x_pad.shape, window, stride, out_spatial):
-        s = lax.slice(x_pad, start, limit, strides)
-        offsets.append(offset)
-        if best is None:
-            best = s
-            continue
-        take = (s > best) | (s != s)  # the forward's rule: strict >, NaN wins
-        takes.append(take)
-        best = jnp.where(take, s, best)
+    windows = list(F.window_slices(x_pad.shape, window, stride, out_spatial))
+    offsets = [offset for offset, *_ in windows]
+    _, takes = F.running_max([lax.slice(x_pad, start, limit, strides) for _, start, limit, strides in windows])
     dx_pad = jnp.zeros(x_pad.shape, g.dtype)
     for offset, take in zip(offsets[:0:-1], takes[::-1]):
         dx_pad = dx_pad + _scatter_to_window(jnp.where(take, g, 0), offset, stride, x_pad.shape)

@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-
 from jaxconv import functional as F
 from jaxconv import layers as L
 from jaxconv.models import count_params
