@@ -4,8 +4,8 @@
 
 Both sides run the same architecture (built from the same layer list), SGD with momentum 0.9,
 float32, on random data of the model's input shape. PyTorch runs NCHW and channels_last; the
-better of the two is the reference. Rounds alternate between the contenders so that a noisy
-machine slows all of them alike; the median step time of each is reported.
+better of the two is the reference. Contenders are timed by ``gradcheck.alternating_medians``
+(rounds of 3 steps each, the first untimed) so that a noisy machine slows all of them alike.
 """
 import argparse
 import os
@@ -14,7 +14,7 @@ import jax
 import optax
 from jaxconv import compiler
 from jaxconv import layers as L
-from jaxconv.gradcheck import step_runner, alternating_medians, jitted_train_step
+from jaxconv.gradcheck import alternating_medians, jitted_train_step, step_runner
 from jaxconv.models import create_model
 
 
@@ -109,7 +109,8 @@ def main():
     best_torch = min(v for k, v in med.items() if k.startswith("torch"))
     print(f"{args.model}, batch {args.batch}, float32, {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
           f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"{args.rounds} rounds of 3 calls (first untimed), medians; jaxconv's XLA options: {compiler.compiler_options() or 'none'}")
+          f"{args.rounds} rounds of 3 calls (first untimed), medians; "
+          f"jaxconv's XLA options: {compiler.compiler_options() or 'none'}")
     print(f"{'contender':24s} {'ms/step':>9s} {'images/s':>10s} {'vs best torch':>14s}")
     for name, t in med.items():
         print(f"{name:24s} {t * 1e3:9.2f} {args.batch / t:10.0f} {best_torch / t:13.2f}x")
