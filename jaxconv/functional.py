@@ -231,6 +231,102 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
     return y if b is None else y + b.astype(y.dtype)
 
 
+def conv_transpose_geometry(x, w, *, fn, stride, padding, output_padding, dilation, groups):
+    """Validate a transposed-conv call; return ``(stride, pads, output_padding, dilation)`` per axis.
+
+    ``pads`` are what is cropped from each side of the full output; for ``"SAME"`` the high side may
+    be negative (the output grows), so that the output is always ``W * S``.
+    """
+    n = _spatial_rank(x, fn=fn)
+    _check_array(w, fn=fn, name="w", rank=n + 2)
+    _check_float(x, fn=fn, name="x")
+    _check_float(w, fn=fn, name="w")
+    if not _is_int(groups) or groups < 1:
+        raise ValueError(f"{fn}: `groups` must be a positive int, got {groups!r}")
+    c_in = x.shape[-1]
+    if c_in % groups:
+        raise ValueError(f"{fn}: `x.shape[-1]` (C_in={c_in}) must be divisible by `groups` (={groups})")
+    if w.shape[-2] != c_in:
+        raise ValueError(f"{fn}: `w.shape[-2]` (={w.shape[-2]}) must equal `x.shape[-1]` (C_in={c_in}); "
+                         f"w is [*kernel, C_in, C_out // groups], PyTorch's weight with its spatial axes first")
+    stride = int_tuple(stride, n, fn=fn, name="stride")
+    dilation = int_tuple(dilation, n, fn=fn, name="dilation")
+    output_padding = int_tuple(output_padding, n, fn=fn, name="output_padding", minimum=0)
+    for op, s, d in zip(output_padding, stride, dilation):
+        if op >= max(s, d):
+            raise ValueError(f"{fn}: `output_padding` must be smaller than the stride or the dilation on every "
+                             f"axis, got output_padding={output_padding}, stride={stride}, dilation={dilation}")
+    kernel = tuple(w.shape[:n])
+    spans = [effective_kernel(k, d) for k, d in zip(kernel, dilation)]
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        pads = tuple((max(m - s, 0) // 2, m - s - max(m - s, 0) // 2) for m, s in zip(spans, stride))
+    elif isinstance(padding, str) and padding.upper() == "CAUSAL":
+        raise ValueError(f"{fn}: `padding`='CAUSAL' is not defined for transposed convolutions")
+    else:
+        pads = resolve_padding(padding, fn=fn, in_spatial=x.shape[1:-1], window=kernel, stride=stride,
+                               dilation=dilation)
+    out = transpose_output_spatial(x.shape[1:-1], pads, kernel, stride, dilation, output_padding)
+    if any(o < 1 for o in out):
+        raise ValueError(f"{fn}: `padding` {pads} crops the whole output away (output size {out})")
+    return stride, pads, output_padding, dilation
+
+
+def transpose_output_spatial(in_spatial, pads, kernel, stride, dilation, output_padding):
+    """Per-axis output sizes of a transposed conv: ``(W - 1) S - P_lo - P_hi + D (K - 1) + output_padding + 1``."""
+    return tuple((w - 1) * s - lo - hi + d * (k - 1) + op + 1
+                 for w, (lo, hi), k, s, d, op in zip(in_spatial, pads, kernel, stride, dilation, output_padding))
+
+
+def transpose_kernel(w, groups: int):
+    """``[*K, A, B // G]`` -> ``[*K, A // G, B]``, spatially flipped: the kernel that runs a transposed conv
+    as a stride-1 conv over the zero-spread input (group j's block transposed on its own)."""
+    n = w.ndim - 2
+    a, b_g = w.shape[-2], w.shape[-1]
+    w = w.reshape(*w.shape[:n], groups, a // groups, b_g)
+    w = jnp.moveaxis(w, -3, -2).reshape(*w.shape[:n], a // groups, groups * b_g)
+    return jnp.flip(w, axis=tuple(range(n)))
+
+
+def conv_transpose(x, w, b=None, *, stride=1, padding: Padding = 0, output_padding=0, dilation=1, groups: int = 1,
+                   precision=None):
+    """N-d transposed convolution, exactly PyTorch's ``conv_transpose{1,2,3}d``.
+
+    Args:
+      x: ``[N, *spatial, C_in]``.
+      w: ``[*kernel, C_in, C_out // groups]`` — PyTorch's weight ``(C_in, C_out // groups, *kernel)`` with
+        its spatial axes moved first (``np.moveaxis(w_torch, (0, 1), (-2, -1))``).
+      b: optional ``[C_out]``.
+      padding: an int, per-axis ints or ``(lo, hi)`` pairs, cropped from the output as in PyTorch;
+        ``"VALID"`` (none); or ``"SAME"``: output ``W * S``, the transpose of a ``"SAME"`` conv.
+      output_padding: added to the high side of each output axis; smaller than stride or dilation.
+    Returns:
+      ``[N, *out, C_out]``, ``out = (W - 1) S - P_lo - P_hi + D (K - 1) + output_padding + 1``.
+
+    Computed as the gradient of a convolution is: the input spread out by S (``lhs_dilation``) and
+    correlated with the flipped kernel at padding ``M - 1 - P_lo`` and ``M - 1 - P_hi + output_padding``.
+    """
+    fn = "conv_transpose"
+    stride, pads, output_padding, dilation = conv_transpose_geometry(
+        x, w, fn=fn, stride=stride, padding=padding, output_padding=output_padding, dilation=dilation,
+        groups=groups)
+    _check_bias(b, w.shape[-1] * groups, fn=fn)
+    dtype = jnp.result_type(x, w)
+    y = spread_conv(x.astype(dtype), transpose_kernel(w.astype(dtype), groups), stride=stride, pads=pads,
+                    output_padding=output_padding, dilation=dilation, groups=groups, precision=precision)
+    return y if b is None else y + b.astype(y.dtype)
+
+
+def spread_conv(x, w_flipped, *, stride, pads, output_padding, dilation, groups, precision=None):
+    """The transposed conv itself, no checks: ``x`` spread out by ``stride``, correlated with the flipped,
+    regrouped kernel ``w_flipped`` (:func:`transpose_kernel`). Also the input gradient of :func:`conv`."""
+    n = x.ndim - 2
+    spans = [effective_kernel(k, d) for k, d in zip(w_flipped.shape[:n], dilation)]
+    full = [(m - 1 - lo, m - 1 - hi + op) for m, (lo, hi), op in zip(spans, pads, output_padding)]
+    return lax.conv_general_dilated(
+        x, w_flipped, window_strides=(1,) * n, padding=full, lhs_dilation=stride, rhs_dilation=dilation,
+        dimension_numbers=conv_dimension_numbers(n), feature_group_count=groups, precision=precision)
+
+
 def conv1d(x, w, b=None, **options):
     """:func:`conv` for ``x: [N, W, C_in]``, ``w: [K, C_in // groups, C_out]``."""
     _spatial_rank(x, fn="conv1d", allowed=(1,))
@@ -276,6 +372,14 @@ def output_spatial(in_spatial, pads, window, stride, dilation=None):
     dilation = dilation or (1,) * len(window)
     return tuple((w + lo + hi - effective_kernel(k, d)) // s + 1
                  for w, (lo, hi), k, s, d in zip(in_spatial, pads, window, stride, dilation))
+
+
+def valid_taps(in_size: int, kernel: int, stride: int, dilation: int, pad_lo: int, out_size: int) -> int:
+    """How many (output position, kernel tap) pairs along one axis read a real input element rather
+    than padding: the multiply-adds a convolution really performs there (what XLA's cost analysis
+    counts). Without padding it is ``out_size * kernel``."""
+    return sum(1 for o in range(out_size) for k in range(kernel)
+               if 0 <= o * stride + k * dilation - pad_lo < in_size)
 
 
 def max_pool(x, window, *, stride=None, padding: Padding = "VALID"):
@@ -365,6 +469,80 @@ def dense(x, w, b=None, *, precision=None):
     return y if b is None else y + b.astype(y.dtype)
 
 
+def add(a, b):
+    """``a + b`` for two arrays of one shape (a residual connection); no broadcasting."""
+    for name, v in (("a", a), ("b", b)):
+        _check_array(v, fn="add", name=name)
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"add: `a` and `b` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return a + b
+
+
+def concat(xs, *, axis: int = -1):
+    """Join arrays along ``axis`` (default: channels); every other axis must agree."""
+    if not isinstance(xs, (list, tuple)) or not xs:
+        raise TypeError(f"concat: `xs` must be a non-empty list of arrays, got {type(xs).__name__}")
+    for i, v in enumerate(xs):
+        _check_array(v, fn="concat", name=f"xs[{i}]")
+    ndim = xs[0].ndim
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"concat: `axis` must be in [{-ndim}, {ndim}), got {axis}")
+    ax = axis % ndim
+    rest = lambda shape: tuple(d for i, d in enumerate(shape) if i != ax)
+    for i, v in enumerate(xs[1:], 1):
+        if v.ndim != ndim or rest(v.shape) != rest(xs[0].shape):
+            raise ValueError(f"concat: every axis but {axis} must agree: `xs[0]` has shape {tuple(xs[0].shape)}, "
+                             f"`xs[{i}]` has {tuple(v.shape)}")
+    return jnp.concatenate(list(xs), axis=ax)
+
+
+def identity(x):
+    """``x`` itself (the shortcut of a residual block, a branch that passes its input through)."""
+    return x
+
+
+def upsample(x, scale, *, method: str = "nearest"):
+    """Upsample every spatial axis by an integer ``scale`` (int or one per axis).
+
+    ``"nearest"`` repeats each pixel (PyTorch ``mode="nearest"``); ``"bilinear"`` (linear on 1-D,
+    trilinear on 3-D) interpolates with ``align_corners=False``, as PyTorch's ``Upsample``, through one
+    small interpolation matrix per axis.
+    Returns ``[N, *(W * scale), C]``.
+    """
+    fn = "upsample"
+    n = _spatial_rank(x, fn=fn)
+    scale = int_tuple(scale, n, fn=fn, name="scale")
+    if method not in ("nearest", "bilinear"):
+        raise ValueError(f"{fn}: `method` must be 'nearest' or 'bilinear', got {method!r}")
+    for axis, s in enumerate(scale, 1):
+        if s == 1:
+            continue
+        if method == "nearest":
+            x = jnp.repeat(x, s, axis=axis)
+        else:
+            _check_float(x, fn=fn, name="x")
+            x = _along(x, jnp.asarray(interpolation_matrix(x.shape[axis], s), x.dtype), axis)
+    return x
+
+
+def interpolation_matrix(size: int, scale: int) -> np.ndarray:
+    """``[size * scale, size]`` weights of linear interpolation with ``align_corners=False``: output ``i``
+    samples input position ``(i + 0.5) / scale - 0.5``, clamped to ``[0, size - 1]``."""
+    pos = np.clip((np.arange(size * scale) + 0.5) / scale - 0.5, 0, size - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, size - 1)
+    frac = pos - lo
+    m = np.zeros((size * scale, size))
+    np.add.at(m, (np.arange(size * scale), lo), 1 - frac)
+    np.add.at(m, (np.arange(size * scale), hi), frac)
+    return m
+
+
+def _along(x, matrix, axis: int):
+    """Apply ``matrix [out, in]`` along ``axis`` of ``x``."""
+    return jnp.moveaxis(jnp.tensordot(matrix, x, axes=((1,), (axis,))), 0, axis)
+
+
 def relu(x):
     """``max(x, 0)`` with derivative 0 at 0 (``jnp.maximum`` would give 0.5 there); NaN stays NaN."""
     return jnp.where(x <= 0, jnp.zeros_like(x), x)
@@ -394,18 +572,19 @@ def smoothed_targets(labels, num_classes: int, label_smoothing: float, dtype):
 
 
 def _check_labels(logits, labels, label_smoothing, *, fn):
-    _check_array(logits, fn=fn, name="logits", rank=2)
-    _check_array(labels, fn=fn, name="labels", rank=1)
+    _check_array(logits, fn=fn, name="logits", min_rank=2)
+    _check_array(labels, fn=fn, name="labels")
     _check_float(logits, fn=fn, name="logits")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"{fn}: `labels` must be integer class indices, got dtype {labels.dtype}")
-    if labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"{fn}: `labels` has {labels.shape[0]} entries but `logits` has {logits.shape[0]} rows")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{fn}: `labels` must have the shape of `logits` without its class axis, "
+                         f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"{fn}: `label_smoothing` must be in [0, 1), got {label_smoothing}")
     if not isinstance(labels, jax.core.Tracer):
         values = np.asarray(labels)
-        k = logits.shape[1]
+        k = logits.shape[-1]
         if values.size and (values.min() < 0 or values.max() >= k):
             raise ValueError(
                 f"{fn}: `labels` must lie in [0, {k - 1}] for {k} classes, got values in "
@@ -417,15 +596,18 @@ def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, reduction: st
     """Softmax cross-entropy with integer labels.
 
     Args:
-      logits: ``[N, K]`` floats. labels: ``[N]`` ints in ``[0, K)`` (checked when concrete).
+      logits: ``[N, K]`` floats, or ``[N, *spatial, K]`` for one prediction per position (as PyTorch's
+        ``[N, K, *spatial]``, channels last). labels: ``[N]`` (or ``[N, *spatial]``) ints in ``[0, K)``
+        (checked when concrete).
       label_smoothing: target ``(1 - eps) * onehot + eps / K``.
-      reduction: ``"mean"`` over the batch (default), ``"sum"`` or ``"none"`` (``[N]``).
+      reduction: ``"mean"`` over every example and position (default), ``"sum"`` or ``"none"``
+        (the shape of ``labels``).
     """
     fn = "cross_entropy"
     _check_labels(logits, labels, label_smoothing, fn=fn)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{fn}: `reduction` must be 'mean', 'sum' or 'none', got {reduction!r}")
-    targets = smoothed_targets(labels, logits.shape[1], label_smoothing, logits.dtype)
+    targets = smoothed_targets(labels, logits.shape[-1], label_smoothing, logits.dtype)
     per_example = -jnp.sum(targets * log_softmax(logits), axis=-1)
     if reduction == "none":
         return per_example
@@ -460,6 +642,53 @@ def batch_norm_train(x, scale, bias, *, epsilon: float = 1e-5):
     return batch_norm(x, scale, bias, mean, var, epsilon=epsilon)
 
 
+def standardise(x, axes, *, epsilon):
+    """``(x - mean) / sqrt(var + eps)`` over ``axes`` (biased variance), and ``1 / sqrt(var + eps)``."""
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    inv = lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True) + epsilon)
+    return (x - mean) * inv, inv
+
+
+def _check_affine(x, scale, bias, *, fn):
+    c = x.shape[-1]
+    for name, v in (("scale", scale), ("bias", bias)):
+        if tuple(v.shape) != (c,):
+            raise ValueError(f"{fn}: `{name}` must have shape ({c},) to match `x.shape[-1]`, got {tuple(v.shape)}")
+
+
+def layer_norm(x, scale, bias, *, epsilon: float = 1e-5):
+    """Normalise each position over its channels (the last axis), then ``* scale + bias`` per channel.
+
+    Independent of the batch, as Flax's ``LayerNorm`` (and PyTorch's ``LayerNorm(C)`` on
+    channels-last data). x: ``[..., C]``; scale, bias: ``[C]``; biased variance.
+    """
+    _check_array(x, fn="layer_norm", name="x", min_rank=1)
+    _check_affine(x, scale, bias, fn="layer_norm")
+    return standardise(x, (-1,), epsilon=epsilon)[0] * scale + bias
+
+
+def group_norm(x, scale, bias, *, num_groups: int, epsilon: float = 1e-5):
+    """PyTorch's ``GroupNorm``: per example, the channels split into ``num_groups`` groups, each group
+    normalised over its channels and every spatial position; then ``* scale + bias`` per channel.
+
+    x: ``[N, *spatial, C]`` (or ``[N, C]``), ``C`` divisible by ``num_groups``; scale, bias: ``[C]``.
+    ``num_groups=1`` normalises over everything but the batch; ``num_groups=C`` is instance norm.
+    """
+    fn = "group_norm"
+    _check_array(x, fn=fn, name="x", min_rank=2)
+    _check_affine(x, scale, bias, fn=fn)
+    c = x.shape[-1]
+    if not _is_int(num_groups) or num_groups < 1 or c % num_groups:
+        raise ValueError(f"{fn}: `num_groups` must be a positive int dividing C={c}, got {num_groups!r}")
+    xg = x.reshape(*x.shape[:-1], num_groups, c // num_groups)
+    return standardise(xg, group_axes(xg.ndim), epsilon=epsilon)[0].reshape(x.shape) * scale + bias
+
+
+def group_axes(ndim: int) -> tuple:
+    """Axes of ``[N, *spatial, G, C // G]`` that one group's statistics run over: all but N and G."""
+    return tuple(range(1, ndim - 2)) + (ndim - 1,)
+
+
 def dropout(x, key, *, drop_rate: float, deterministic: bool = False):
     """Inverted dropout: zero each element with probability ``drop_rate``, scale the rest by ``1/(1-p)``."""
     if not 0.0 <= drop_rate < 1.0:
@@ -471,7 +700,7 @@ def dropout(x, key, *, drop_rate: float, deterministic: bool = False):
 
 
 __all__ = [
-    "conv", "conv1d", "conv2d", "max_pool", "avg_pool", "global_avg_pool", "dense", "relu", "flatten",
+    "conv", "conv1d", "conv2d", "conv_transpose", "upsample", "add", "concat", "identity", "layer_norm", "group_norm", "max_pool", "avg_pool", "global_avg_pool", "dense", "relu", "flatten",
     "log_softmax", "softmax", "cross_entropy", "batch_norm", "batch_norm_train", "batch_moments", "dropout", "resolve_padding",
     "effective_kernel",
 ]

@@ -64,6 +64,22 @@ def _conv_case(rng, n_sp, dtype):
     return F.conv, (x, w, b), dict(stride=stride, padding=_padding(rng, n_sp), dilation=dilation, groups=groups)
 
 
+def _conv_transpose_case(rng, n_sp, dtype):
+    groups = int(rng.choice([1, 2]))
+    c_in, c_out = 2 * groups, groups * int(rng.integers(1, 3))
+    kernel, stride, dilation = _ints(rng, 1, 4, n_sp), _ints(rng, 1, 4, n_sp), _ints(rng, 1, 3, n_sp)
+    output_padding = tuple(int(rng.integers(0, max(s, d))) for s, d in zip(stride, dilation))
+    kind = str(rng.choice(["SAME", "int", "per-axis", "pairs"]))
+    padding = "SAME" if kind == "SAME" else _padding(rng, n_sp, causal_ok=False) if kind != "int" else 0
+    if padding == "SAME":
+        output_padding = 0
+    x = rng.normal(size=(2, *_ints(rng, 4, 7, n_sp), c_in)).astype(dtype)
+    w = rng.normal(size=(*kernel, c_in, c_out // groups)).astype(dtype)
+    b = rng.normal(size=(c_out,)).astype(dtype)
+    return F.conv_transpose, (x, w, b), dict(stride=stride, padding=padding, output_padding=output_padding,
+                                             dilation=dilation, groups=groups)
+
+
 def _pool_case(rng, n_sp, dtype, forward):
     window, stride = _ints(rng, 1, 4, n_sp), _ints(rng, 1, 4, n_sp)
     x = rng.normal(size=(2, *_ints(rng, 6, 10, n_sp), 3)).astype(dtype)
@@ -90,6 +106,15 @@ def random_op_cases(rng, per_op: int, dtype=np.float64):
         yield "batch_norm", F.batch_norm, (x, rng.normal(size=4).astype(dtype), rng.normal(size=4).astype(dtype),
                                            *stats), {}
         yield "dropout", F.dropout, (x, jax.random.key(i)), dict(drop_rate=float(rng.uniform(0.1, 0.7)))
+        yield "conv_transpose", *_conv_transpose_case(rng, n_sp, dtype)
+        yield "add", F.add, (x, rng.normal(size=x.shape).astype(dtype)), {}
+        yield "concat", F.concat, ([x, rng.normal(size=(*x.shape[:-1], 2)).astype(dtype)],), {}
+        yield "identity", F.identity, (x,), {}
+        yield "upsample", F.upsample, (x, _ints(rng, 1, 4, n_sp)), dict(method=str(rng.choice(["nearest",
+                                                                                               "bilinear"])))
+        affine = (rng.normal(size=4).astype(dtype), rng.normal(size=4).astype(dtype))
+        yield "layer_norm", F.layer_norm, (x, *affine), {}
+        yield "group_norm", F.group_norm, (x, *affine), dict(num_groups=int(rng.choice([1, 2, 4])))
         d_in, d_out = _ints(rng, 1, 9, 2)
         yield "dense", F.dense, (rng.normal(size=(5, d_in)).astype(dtype), rng.normal(size=(d_in, d_out)).astype(dtype),
                                  rng.normal(size=d_out).astype(dtype)), {}
@@ -103,14 +128,14 @@ def random_op_cases(rng, per_op: int, dtype=np.float64):
 def op_error(forward, args, options, rng) -> float:
     """Worst relative error of the hand-written vjp against ``jax.vjp``, over all differentiable args."""
     n_arrays, n_diff = G._RULES[forward][1:]
-    arrays = [jnp.asarray(a) for a in args[:n_arrays]]
+    arrays = [jax.tree.map(jnp.asarray, a) for a in args[:n_arrays]]
     diff, fixed, rest = arrays[:n_diff], arrays[n_diff:], args[n_arrays:]
     y, vjp = jax.vjp(lambda *d: forward(*d, *fixed, *rest, **options), *diff)
     g = jnp.asarray(rng.normal(size=y.shape), y.dtype)
     want = vjp(g)
     got = G.vjp_of(forward)(g, *arrays, *rest, **options)
     got = got if isinstance(got, tuple) else (got,)
-    return max(rel_error(a, b) for a, b in zip(got, want))
+    return max(rel_error(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 
 # --------------------------------------------------------------------------- whole models

@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxconv import functional as F
@@ -40,25 +41,20 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     effective kernel ``M = K + (K-1)(D-1)`` and output size O, the forward is
     ``y[o] = sum_k x[o*S + k*D - P_lo] w[k]``.
 
-    **dx** — every x[i] receives ``g[o] w[k]`` where ``o*S + k*D = i + P_lo``. Spread g out by S
-    (``lhs_dilation = S``: S-1 zeros between entries, length ``(O-1)S + 1``) and correlate it with
-    the spatially flipped kernel at ``rhs_dilation = D``. Substituting ``k' = K-1-k`` gives
+    **dx** — every x[i] receives ``g[o] w[k]`` where ``o*S + k*D = i + P_lo``: the transposed
+    convolution of g (:func:`jaxconv.functional.conv_transpose`, PyTorch's weight being
+    ``swapaxes(w)``), whose output_padding is the ``r = (W + P_lo + P_hi - M) mod S`` input rows the
+    forward's floor left unread. Spread g out by S (``lhs_dilation = S``) and correlate it with the
+    spatially flipped kernel at ``rhs_dilation = D``; substituting ``k' = K-1-k`` gives
     ``dx[i] = sum_k' g_dil[i + k'D - (M-1-P_lo)] w[K-1-k']``, so the padding of g_dil is::
 
-        lo = M - 1 - P_lo,      hi = W - 1 + P_lo - (O-1)S
+        lo = M - 1 - P_lo,      hi = M - 1 - P_hi + r = W - 1 + P_lo - (O-1)S
 
-    (hi makes the output exactly W long; either may be negative, which crops). In/out channels
-    swap: with groups G the kernel ``[*K, C_in/G, C_out]`` is regrouped to ``[*K, C_out/G, C_in]``
-    so each group's block is transposed on its own, and ``feature_group_count = G``.
+    (either may be negative, which crops). With groups G the kernel ``[*K, C_in/G, C_out]`` is
+    regrouped to ``[*K, C_out/G, C_in]`` so each group's block is transposed on its own.
 
-    **dw** — ``dw[k, i, c] = sum_{n,o} x_pad[n, o*S + k*D, i] g[n, o, c]``: a correlation of x with
-    g over positions, contracting the batch axis. x is read with its channel axis as "batch" and
-    its batch axis as "feature"; g is the kernel with ``rhs_dilation = S``; the window stride is
-    D. The output length ``(W + P_lo + hi' - ((O-1)S + 1)) // D + 1`` must be K, so::
-
-        lo' = P_lo,             hi' = (O-1)S + M - W - P_lo   (<= P_hi: rows no output used are cut)
-
-    With groups, ``batch_group_count = G`` pairs input-channel group j with output group j.
+    **dw** — a correlation of x with g over positions, contracting the batch axis
+    (:func:`_conv_weight_grad` gives the padding).
 
     **db** — g summed over every axis but the last.
     """
@@ -66,37 +62,68 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     stride, pads, dilation = F.conv_geometry(x, w, fn=fn, stride=stride, padding=padding, dilation=dilation,
                                              groups=groups)
     n = x.ndim - 2
-    kernel = tuple(w.shape[:n])
     in_spatial = tuple(x.shape[1:-1])
-    out_spatial = F.output_spatial(in_spatial, pads, kernel, stride, dilation)
+    out_spatial = F.output_spatial(in_spatial, pads, w.shape[:n], stride, dilation)
     _check_g(g, (x.shape[0], *out_spatial, w.shape[-1]), fn=fn)
-    spans = [F.effective_kernel(k, d) for k, d in zip(kernel, dilation)]
-    lhs_spec, rhs_spec, out_spec = F.conv_dimension_numbers(n)
-    s = lhs_spec[1:-1]
-
-    # dx: transposed convolution of g.
-    c_in_g, c_out = w.shape[-2], w.shape[-1]
-    c_out_g = c_out // groups
-    w_t = w.reshape(*kernel, c_in_g, groups, c_out_g)
-    w_t = jnp.moveaxis(w_t, (-3, -2, -1), (-1, -2, -3)).reshape(*kernel, c_out_g, groups * c_in_g)
-    w_t = jnp.flip(w_t, axis=tuple(range(n)))
-    dx_pads = [(m - 1 - lo, wi - 1 + lo - (o - 1) * st)
-               for m, (lo, _), wi, o, st in zip(spans, pads, in_spatial, out_spatial, stride)]
-    dx = lax.conv_general_dilated(
-        g, w_t.astype(g.dtype), window_strides=(1,) * n, padding=dx_pads, lhs_dilation=stride,
-        rhs_dilation=dilation, dimension_numbers=(lhs_spec, rhs_spec, out_spec),
-        feature_group_count=groups, precision=precision,
-    )
-
-    # dw: correlation of x with g, batch contracted.
-    dw_pads = [(lo, (o - 1) * st + m - wi - lo)
-               for m, (lo, _), wi, o, st in zip(spans, pads, in_spatial, out_spatial, stride)]
-    dw = lax.conv_general_dilated(
-        x, g.astype(x.dtype), window_strides=dilation, padding=dw_pads, rhs_dilation=stride,
-        dimension_numbers=(f"C{s}N", f"I{s}O", f"{s}NC"), batch_group_count=groups, precision=precision,
-    )
+    # dx: the transposed convolution of g, its output_padding the input rows the forward's floor dropped.
+    dropped = [wi + lo + hi - F.effective_kernel(k, d) - (o - 1) * s
+               for wi, o, (lo, hi), k, s, d in zip(in_spatial, out_spatial, pads, w.shape[:n], stride, dilation)]
+    dx = F.spread_conv(g, F.transpose_kernel(jnp.swapaxes(w, -1, -2).astype(g.dtype), groups), stride=stride,
+                       pads=pads, output_padding=dropped, dilation=dilation, groups=groups, precision=precision)
+    dw = _conv_weight_grad(x, g.astype(x.dtype), w.shape[:n], stride=stride, pads=pads, dilation=dilation,
+                           groups=groups, precision=precision)
     db = jnp.sum(g, axis=tuple(range(g.ndim - 1)))
     return dx.astype(x.dtype), dw.astype(w.dtype), db
+
+
+def _conv_weight_grad(x, g, kernel, *, stride, pads, dilation, groups, precision=None):
+    """``dw[k, i, c] = sum_{n,o} x_pad[n, o*S + k*D, i] g[n, o, c]`` of a conv ``x -> g``-shaped output.
+
+    A correlation of x with g over positions, contracting the batch axis: x is read with its channel
+    axis as "batch" and its batch axis as "feature"; g is the kernel with ``rhs_dilation = S``; the
+    window stride is D. The output length ``(W + P_lo + hi' - ((O-1)S + 1)) // D + 1`` must be K, so
+    ``lo' = P_lo, hi' = (O-1)S + M - W - P_lo`` (rows no output used are cut; negative crops).
+    With groups, ``batch_group_count = G`` pairs input-channel group j with output group j.
+    """
+    n = x.ndim - 2
+    s = F.conv_dimension_numbers(n)[0][1:-1]
+    spans = [F.effective_kernel(k, d) for k, d in zip(kernel, dilation)]
+    dw_pads = [(lo, (o - 1) * st + m - wi - lo)
+               for m, (lo, _), wi, o, st in zip(spans, pads, x.shape[1:-1], g.shape[1:-1], stride)]
+    return lax.conv_general_dilated(
+        x, g, window_strides=dilation, padding=dw_pads, rhs_dilation=stride,
+        dimension_numbers=(f"C{s}N", f"I{s}O", f"{s}NC"), batch_group_count=groups, precision=precision)
+
+
+def conv_transpose_vjp(g, x, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups: int = 1,
+                       precision=None):
+    """Cotangents ``(dx, dw, db)`` of :func:`jaxconv.functional.conv_transpose`.
+
+    A transposed conv ``y = T(x)`` is the input gradient of the conv ``C`` from y's space to x's with
+    kernel ``w_c = swapaxes(w)`` ``[*K, C_out // G, C_in]`` and the same stride, padding and dilation.
+    So its transpose is that conv: ``dx = C(g)`` (cropped to x's size where ``output_padding >= S``
+    made C's output longer), and ``dw`` is C's weight gradient with g as C's input and x as the
+    upstream gradient: ``dw_c[k, j, i] = sum_{n,o} g_pad[n, o*S + k*D, j] x[n, o, i]``.
+    """
+    fn = "conv_transpose_vjp"
+    stride, pads, output_padding, dilation = F.conv_transpose_geometry(
+        x, w, fn=fn, stride=stride, padding=padding, output_padding=output_padding, dilation=dilation,
+        groups=groups)
+    n = x.ndim - 2
+    kernel, in_spatial = tuple(w.shape[:n]), tuple(x.shape[1:-1])
+    out_spatial = F.transpose_output_spatial(in_spatial, pads, kernel, stride, dilation, output_padding)
+    _check_g(g, (x.shape[0], *out_spatial, w.shape[-1] * groups), fn=fn)
+    w_c = jnp.swapaxes(w, -1, -2)
+    dx = lax.conv_general_dilated(g, w_c.astype(g.dtype), window_strides=stride, padding=pads, rhs_dilation=dilation,
+                                  dimension_numbers=F.conv_dimension_numbers(n), feature_group_count=groups,
+                                  precision=precision)
+    extra = [(0, c - wi) for c, wi in zip(dx.shape[1:-1], in_spatial)]  # C's rows past x's size: zero upstream
+    x_ext = jnp.pad(x, [(0, 0), *extra, (0, 0)]).astype(g.dtype)
+    dw_c = _conv_weight_grad(g, x_ext, kernel, stride=stride, pads=pads, dilation=dilation, groups=groups,
+                             precision=precision)
+    dx = dx[(slice(None), *[slice(0, wi) for wi in in_spatial])]
+    db = jnp.sum(g, axis=tuple(range(g.ndim - 1)))
+    return dx.astype(x.dtype), jnp.swapaxes(dw_c, -1, -2).astype(w.dtype), db
 
 
 # --------------------------------------------------------------------------- pooling
@@ -215,12 +242,87 @@ def cross_entropy_vjp(g, logits, labels, *, label_smoothing: float = 0.0, reduct
     fn = "cross_entropy_vjp"
     F._check_labels(logits, labels, label_smoothing, fn=fn)
     g = jnp.asarray(g, logits.dtype)
-    _check_g(g, (logits.shape[0],) if reduction == "none" else (), fn=fn)
-    q = F.smoothed_targets(labels, logits.shape[1], label_smoothing, logits.dtype)
+    _check_g(g, labels.shape if reduction == "none" else (), fn=fn)
+    q = F.smoothed_targets(labels, logits.shape[-1], label_smoothing, logits.dtype)
     diff = F.softmax(logits) - q
     if reduction == "none":
-        return diff * g[:, None]
-    return diff * (g / logits.shape[0] if reduction == "mean" else g)
+        return diff * g[..., None]
+    return diff * (g / labels.size if reduction == "mean" else g)
+
+
+# --------------------------------------------------------------------------- composition, resampling
+
+
+def add_vjp(g, a, b):
+    """Cotangents ``(da, db)`` of :func:`jaxconv.functional.add`: ``g`` to both."""
+    _check_g(g, a.shape, fn="add_vjp")
+    return g, g
+
+
+def concat_vjp(g, xs, *, axis: int = -1):
+    """Cotangent of :func:`jaxconv.functional.concat`: ``g`` cut back into the pieces' sizes (a list)."""
+    ax = axis % xs[0].ndim
+    shape = list(xs[0].shape)
+    shape[ax] = sum(v.shape[ax] for v in xs)
+    _check_g(g, shape, fn="concat_vjp")
+    cuts = np.cumsum([v.shape[ax] for v in xs])[:-1]
+    return list(jnp.split(g, cuts, axis=ax))
+
+
+def identity_vjp(g, x):
+    """Cotangent of :func:`jaxconv.functional.identity`: ``g``."""
+    _check_g(g, x.shape, fn="identity_vjp")
+    return g
+
+
+def upsample_vjp(g, x, scale, *, method: str = "nearest"):
+    """Cotangent of :func:`jaxconv.functional.upsample`: per axis, nearest sums each ``scale``-long
+    block of g; bilinear applies the transposed interpolation matrix."""
+    fn = "upsample_vjp"
+    n = x.ndim - 2
+    scale = F.int_tuple(scale, n, fn=fn, name="scale")
+    _check_g(g, (x.shape[0], *[w * s for w, s in zip(x.shape[1:-1], scale)], x.shape[-1]), fn=fn)
+    for axis, (w, s) in enumerate(zip(x.shape[1:-1], scale), 1):
+        if s == 1:
+            continue
+        if method == "nearest":
+            g = jnp.sum(g.reshape(*g.shape[:axis], w, s, *g.shape[axis + 1:]), axis=axis + 1)
+        else:
+            g = F._along(g, jnp.asarray(F.interpolation_matrix(w, s).T, g.dtype), axis)
+    return g.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- normalisation, dropout
+
+
+def _standardised_vjp(g_hat, x_hat, inv, axes):
+    """Cotangent of x for ``x_hat = (x - mean) * inv`` over ``axes``, given ``g_hat = dL/dx_hat``:
+    ``inv * (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat))``."""
+    return inv * (g_hat - jnp.mean(g_hat, axis=axes, keepdims=True)
+                  - x_hat * jnp.mean(g_hat * x_hat, axis=axes, keepdims=True))
+
+
+def layer_norm_vjp(g, x, scale, bias, *, epsilon: float = 1e-5):
+    """Cotangents ``(dx, dscale, dbias)`` of :func:`jaxconv.functional.layer_norm`."""
+    _check_g(g, x.shape, fn="layer_norm_vjp")
+    x_hat, inv = F.standardise(x, (-1,), epsilon=epsilon)
+    batch_axes = tuple(range(x.ndim - 1))
+    return (_standardised_vjp(g * scale, x_hat, inv, (-1,)), jnp.sum(g * x_hat, axis=batch_axes),
+            jnp.sum(g, axis=batch_axes))
+
+
+def group_norm_vjp(g, x, scale, bias, *, num_groups: int, epsilon: float = 1e-5):
+    """Cotangents ``(dx, dscale, dbias)`` of :func:`jaxconv.functional.group_norm`: the standardisation's
+    rule applied per (example, group), after ``scale`` (which varies inside a group) is folded into g."""
+    _check_g(g, x.shape, fn="group_norm_vjp")
+    c = x.shape[-1]
+    grouped = lambda v: v.reshape(*x.shape[:-1], num_groups, c // num_groups)
+    xg = grouped(x)
+    axes = F.group_axes(xg.ndim)
+    x_hat, inv = F.standardise(xg, axes, epsilon=epsilon)
+    dx = _standardised_vjp(grouped(g * scale), x_hat, inv, axes).reshape(x.shape)
+    batch_axes = tuple(range(x.ndim - 1))
+    return dx, jnp.sum(g * x_hat.reshape(x.shape), axis=batch_axes), jnp.sum(g, axis=batch_axes)
 
 
 # --------------------------------------------------------------------------- normalisation, dropout
@@ -249,14 +351,8 @@ def batch_norm_train_vjp(g, x, scale, bias, *, epsilon: float = 1e-5):
     """
     _check_g(g, x.shape, fn="batch_norm_train_vjp")
     axes = tuple(range(x.ndim - 1))
-    mean, var = F.batch_moments(x)
-    inv = lax.rsqrt(var + epsilon)
-    x_hat = (x - mean) * inv
-    dscale = jnp.sum(g * x_hat, axis=axes)
-    dbias = jnp.sum(g, axis=axes)
-    m = math.prod(x.shape[:-1])
-    dx = (scale * inv) * (g - dbias / m - x_hat * (dscale / m))
-    return dx, dscale, dbias
+    x_hat, inv = F.standardise(x, axes, epsilon=epsilon)
+    return _standardised_vjp(g * scale, x_hat, inv, axes), jnp.sum(g * x_hat, axis=axes), jnp.sum(g, axis=axes)
 
 
 def dropout_vjp(g, x, key, *, drop_rate: float, deterministic: bool = False):
@@ -271,6 +367,13 @@ def dropout_vjp(g, x, key, *, drop_rate: float, deterministic: bool = False):
 # get a cotangent). Array arguments past that count (labels, PRNG keys) get none.
 _RULES = {
     F.conv: (conv_vjp, 3, 3),
+    F.conv_transpose: (conv_transpose_vjp, 3, 3),
+    F.add: (add_vjp, 2, 2),
+    F.concat: (concat_vjp, 1, 1),
+    F.identity: (identity_vjp, 1, 1),
+    F.upsample: (upsample_vjp, 1, 1),
+    F.layer_norm: (layer_norm_vjp, 3, 3),
+    F.group_norm: (group_norm_vjp, 3, 3),
     F.conv1d: (conv_vjp, 3, 3),
     F.conv2d: (conv_vjp, 3, 3),
     F.max_pool: (max_pool_vjp, 1, 1),

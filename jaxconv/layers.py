@@ -1,20 +1,32 @@
-"""Flax NNX modules: thin holders of parameters that call :mod:`jaxconv.functional`.
+"""Flax NNX modules over :mod:`jaxconv.functional`: one protocol for leaf and composite layers.
 
-Every layer takes ``grad="auto"`` (JAX autodiff) or ``grad="manual"`` (the hand-written rules of
-:mod:`jaxconv.grads`, through ``jax.custom_vjp``), and ``dtype`` for the compute dtype (e.g.
-``jnp.bfloat16``; parameters stay in ``param_dtype``). Besides ``__call__`` each layer has:
+Every layer answers five questions about itself, for one example's shape ``in_shape`` (no batch axis):
 
-* ``output_shape(in_shape)`` — the shape arithmetic, per example (no batch axis);
-* ``geometry_for(in_shape)`` — ``(kernel_span, stride, pad_lo)`` per spatial axis for windowed
-  layers, ``None`` for pointwise ones, ``"global"`` where the spatial axes end (flatten, dense,
-  global pooling);
-* ``forward_and_backward(x)`` — ``(y, back)`` with ``back(g) -> (dx, {param: grad})`` built from
-  the hand-written vjps, used by :func:`jaxconv.backprop.manual_value_and_grad`.
+* ``__call__(x)`` — the forward pass on a batch;
+* ``forward_and_backward(x) -> (y, back)`` with ``back(g) -> (dx, param_grads)``: the hand-written
+  backward, ``param_grads`` a nested dict shaped like the layer's parameters (what
+  :func:`jaxconv.backprop.manual_value_and_grad` chains);
+* ``output_shape(in_shape)``;
+* ``receptive_field(in_shape, field)`` — maps the receptive field of its input (per axis
+  ``(size, jump)`` in model-input pixels, or :data:`GLOBAL`) to that of its output;
+* ``flops(in_shape)`` — forward FLOPs for one example, a multiply-add counted as 2.
+
+A **leaf** declares, it does not wire: ``spec(x)`` names its forward op from ``functional``, the
+parameter arrays that follow ``x`` in that op's signature (by attribute name), any other arrays
+(statistics, a PRNG key) and the keyword options. :class:`Layer` derives ``__call__`` (through
+:func:`jaxconv.grads.manual` when ``grad="manual"``) and ``forward_and_backward`` (through the op's
+registered vjp) from that one declaration. Options are validated and normalised in ``__init__``.
+
+A **composite** (:class:`Sequential`, :class:`Residual`, :class:`Concat`) answers each question by
+asking its children. A layer that does not answer a question raises; nothing counts as 0 by default.
+
+``grad`` can be switched on a built model in one call: ``model.set_attributes(grad="manual")``.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from fractions import Fraction
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +34,8 @@ from flax import nnx
 
 from jaxconv import functional as F
 from jaxconv import grads as G
+
+GLOBAL = "global"  # the receptive field once a layer mixes every position (flatten, dense, global pooling)
 
 _INITS = {
     "he_normal": lambda: jax.nn.initializers.he_normal(in_axis=-2, out_axis=-1),
@@ -44,294 +58,617 @@ def initializer(spec) -> Callable:
     return _INITS[spec]()
 
 
-def _check_grad(grad, layer):
-    if grad not in _GRADS:
-        raise ValueError(f"{layer}: `grad` must be 'auto' or 'manual', got {grad!r}")
-    return grad
+class Spec(NamedTuple):
+    """A leaf's declaration of one forward call: ``op(x, *params.values(), *extras, **options)``."""
+
+    op: Callable
+    params: dict      # attribute name -> array (or None, e.g. no bias), in the op's argument order
+    extras: tuple = ()  # further array arguments that get no gradient here (statistics, a PRNG key)
+    options: dict = {}
 
 
 class Layer(nnx.Module):
-    """Shared plumbing: the op to call (autodiff or hand-written backward) and the compute dtype."""
+    """The protocol's base. Leaves implement ``spec``, ``output_shape``, ``window`` and ``flops``."""
 
-    grad: str = "auto"
+    _grad: str = "auto"
     dtype = None
-    geometry = None
 
-    def op(self, forward):
-        return G.manual(forward) if self.grad == "manual" else forward
+    @property
+    def grad(self) -> str:
+        """``"auto"`` (JAX autodiff) or ``"manual"`` (the hand-written rules of :mod:`jaxconv.grads`)."""
+        return self._grad
+
+    @grad.setter
+    def grad(self, value: str):
+        if value not in _GRADS:
+            raise ValueError(f"{type(self).__name__}: `grad` must be 'auto' or 'manual', got {value!r}")
+        self._grad = value
+
+    # ---- a leaf's declaration
+    def spec(self, x) -> Spec:
+        raise NotImplementedError(f"{type(self).__name__} must declare `spec(x)` (its op, params and options) "
+                                  f"or implement `__call__` and `forward_and_backward` as a composite")
 
     def cast(self, *arrays):
         if self.dtype is None:
             return arrays
         return tuple(None if a is None else a.astype(self.dtype) for a in arrays)
 
+    def _args(self, x):
+        spec = self.spec(self.cast(x)[0])
+        params = dict(zip(spec.params, self.cast(*spec.params.values())))
+        return spec, (self.cast(x)[0], *params.values(), *spec.extras), params
+
+    # ---- derived from the declaration
+    def __call__(self, x):
+        spec, args, _ = self._args(x)
+        op = G.manual(spec.op) if self.grad == "manual" else spec.op
+        return op(*args, **spec.options)
+
+    def forward_and_backward(self, x):
+        spec, args, params = self._args(x)
+        y = spec.op(*args, **spec.options)
+        vjp = G.vjp_of(spec.op)
+
+        def back(g):
+            cts = vjp(g, *args, **spec.options)
+            cts = cts if isinstance(cts, tuple) else (cts,)
+            grads = {name: ct for (name, value), ct in zip(params.items(), cts[1:]) if value is not None}
+            return cts[0], grads
+        return y, back
+
+    # ---- the static questions
+    def output_shape(self, in_shape) -> tuple:
+        raise NotImplementedError(f"{type(self).__name__} does not implement `output_shape(in_shape)`")
+
+    def window(self, in_shape):
+        """Per spatial axis ``(span, stride)`` of the input window one output reads; ``None`` for a
+        pointwise layer; :data:`GLOBAL` where the spatial axes end."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement `window(in_shape)` "
+                                  f"(needed for its receptive field)")
+
+    def flops(self, in_shape) -> int:
+        raise NotImplementedError(f"{type(self).__name__} does not implement `flops(in_shape)`")
+
+    def receptive_field(self, in_shape, field):
+        """``field`` (per axis ``(size, jump)``, or :data:`GLOBAL`) after this layer:
+        ``size += (span - 1) * jump``, ``jump *= stride``."""
+        window = self.window(in_shape)
+        if field == GLOBAL or window == GLOBAL:
+            return GLOBAL
+        if window is None:
+            return field
+        return tuple((r + (m - 1) * j, j * s) for (r, j), (m, s) in zip(field, window))
+
+    def children(self, in_shape, field=None):
+        """``(label, child, child_in_shape, child_in_field)`` for a composite's children (fields ``None``
+        when ``field`` is); a leaf has none."""
+        return []
+
+
+class Pointwise(Layer):
+    """A parameter-free leaf whose output has its input's shape: ``op(x)``, ``flops_per_element`` each."""
+
+    op = staticmethod(F.identity)
+    flops_per_element = 0
+
+    def __init__(self, *, grad: str = "auto"):
+        self.grad = grad
+
+    def spec(self, x):
+        return Spec(type(self).op, {})
+
     def output_shape(self, in_shape):
         return tuple(in_shape)
 
-    def geometry_for(self, in_shape):
-        return self.geometry
+    def window(self, in_shape):
+        return None
+
+    def flops(self, in_shape):
+        return self.flops_per_element * math.prod(in_shape)
+
+
+class Identity(Pointwise):
+    """Passes its input through (an identity shortcut or skip branch)."""
+
+
+class ReLU(Pointwise):
+    """``max(x, 0)``."""
+    op, flops_per_element = staticmethod(F.relu), 1
+
+
+def _check_rank(layer, in_shape, n):
+    if len(in_shape) != n + 1:
+        raise ValueError(f"{layer}: a {n}-D kernel needs inputs [*spatial, C] of rank {n + 1}, "
+                         f"got shape {tuple(in_shape)}")
 
 
 class Conv(Layer):
-    """N-d convolution layer. ``kernel_size`` int means 1-D (as in Flax); give a tuple for 2-D."""
+    """N-d convolution. ``kernel_size`` int means 1-D (as in Flax); give a tuple for 2-D and 3-D."""
 
     def __init__(self, in_features: int, out_features: int, kernel_size, *, stride=1, padding="VALID",
                  dilation=1, groups: int = 1, use_bias: bool = True, kernel_init="he_normal",
                  param_dtype=jnp.float32, dtype=None, grad: str = "auto", rngs: nnx.Rngs):
         kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
         n = len(kernel_size)
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
+        name = type(self).__name__
+        for arg, value in (("in_features", in_features), ("out_features", out_features)):
             if value % groups:
-                raise ValueError(f"Conv: `{name}` (={value}) must be divisible by `groups` (={groups})")
-        self.kernel_size = kernel_size
-        self.stride = F.int_tuple(stride, n, fn="Conv", name="stride")
-        self.dilation = F.int_tuple(dilation, n, fn="Conv", name="dilation")
+                raise ValueError(f"{name}: `{arg}` (={value}) must be divisible by `groups` (={groups})")
+        self.kernel_size = F.int_tuple(kernel_size, n, fn=name, name="kernel_size")
+        self.stride = F.int_tuple(stride, n, fn=name, name="stride")
+        self.dilation = F.int_tuple(dilation, n, fn=name, name="dilation")
         self.padding, self.groups = padding, groups
-        self.grad, self.dtype = _check_grad(grad, "Conv"), dtype
-        shape = (*kernel_size, in_features // groups, out_features)
-        self.kernel = nnx.Param(initializer(kernel_init)(rngs.params(), shape, param_dtype))
+        self.grad, self.dtype = grad, dtype
+        self.kernel = nnx.Param(initializer(kernel_init)(rngs.params(), self._kernel_shape(in_features, out_features),
+                                                         param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def _kernel_shape(self, c_in, c_out):
+        return (*self.kernel_size, c_in // self.groups, c_out)
 
     def _options(self):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
 
-    def _pads(self, in_spatial):
-        return F.resolve_padding(self.padding, fn="Conv", in_spatial=in_spatial, window=self.kernel_size,
-                                 stride=self.stride, dilation=self.dilation)
+    def spec(self, x):
+        return Spec(F.conv, {"kernel": self.kernel[...], "bias": None if self.bias is None else self.bias[...]},
+                    options=self._options())
 
-    def __call__(self, x):
-        b = None if self.bias is None else self.bias[...]
-        x, w, b = self.cast(x, self.kernel[...], b)
-        return self.op(F.conv)(x, w, b, **self._options())
+    def _pads(self, in_shape):
+        _check_rank(type(self).__name__, in_shape, len(self.kernel_size))
+        return F.resolve_padding(self.padding, fn=type(self).__name__, in_spatial=in_shape[:-1],
+                                 window=self.kernel_size, stride=self.stride, dilation=self.dilation)
 
     def output_shape(self, in_shape):
-        if len(in_shape) != len(self.kernel_size) + 1:
-            raise ValueError(f"Conv: a {len(self.kernel_size)}-D kernel needs inputs [*spatial, C] of rank "
-                             f"{len(self.kernel_size) + 1}, got shape {tuple(in_shape)}")
-        pads = self._pads(in_shape[:-1])
-        F._check_fits("Conv", in_shape[:-1], pads, self.kernel_size, self.dilation)
+        pads = self._pads(in_shape)
+        F._check_fits(type(self).__name__, in_shape[:-1], pads, self.kernel_size, self.dilation)
         return (*F.output_spatial(in_shape[:-1], pads, self.kernel_size, self.stride, self.dilation),
                 self.kernel.shape[-1])
 
-    def geometry_for(self, in_shape):
-        pads = self._pads(in_shape[:-1])
-        return [(F.effective_kernel(k, d), s, lo) for k, d, s, (lo, _) in zip(self.kernel_size, self.dilation,
-                                                                            self.stride, pads)]
+    def window(self, in_shape):
+        return [(F.effective_kernel(k, d), s) for k, d, s in zip(self.kernel_size, self.dilation, self.stride)]
 
-    def forward_and_backward(self, x):
-        b = None if self.bias is None else self.bias[...]
-        x, w, b = self.cast(x, self.kernel[...], b)
-        y = F.conv(x, w, b, **self._options())
+    def flops(self, in_shape):
+        """``2 * taps * C_in/G * C_out`` plus one per output for the bias, where ``taps`` counts the
+        (output, kernel tap) pairs that land on the input, not on its padding: the multiply-adds done,
+        as XLA counts them (``out * K`` per axis without padding)."""
+        out, pads = self.output_shape(in_shape), self._pads(in_shape)
+        taps = math.prod(F.valid_taps(w, k, s, d, lo, o) for w, k, s, d, (lo, _), o in zip(
+            in_shape[:-1], self.kernel_size, self.stride, self.dilation, pads, out[:-1]))
+        return 2 * taps * math.prod(self.kernel.shape[-2:]) + (self.bias is not None) * math.prod(out)
 
-        def back(g):
-            dx, dw, db = G.conv_vjp(g, x, w, **self._options())
-            grads = {"kernel": dw} if b is None else {"kernel": dw, "bias": db}
-            return dx, grads
-        return y, back
+
+class ConvTranspose(Conv):
+    """N-d transposed convolution, PyTorch's ``ConvTranspose``: kernel ``[*K, C_in, C_out // groups]``."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, *, stride=1, padding=0,
+                 output_padding=0, dilation=1, groups: int = 1, use_bias: bool = True, kernel_init="he_normal",
+                 param_dtype=jnp.float32, dtype=None, grad: str = "auto", rngs: nnx.Rngs):
+        n = 1 if isinstance(kernel_size, int) else len(kernel_size)
+        self.output_padding = F.int_tuple(output_padding, n, fn="ConvTranspose", name="output_padding", minimum=0)
+        super().__init__(in_features, out_features, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, use_bias=use_bias, kernel_init=kernel_init, param_dtype=param_dtype,
+                         dtype=dtype, grad=grad, rngs=rngs)
+
+    def _kernel_shape(self, c_in, c_out):
+        return (*self.kernel_size, c_in, c_out // self.groups)
+
+    def _options(self):
+        return {**super()._options(), "output_padding": self.output_padding}
+
+    def spec(self, x):
+        return Spec(F.conv_transpose, {"kernel": self.kernel[...],
+                                       "bias": None if self.bias is None else self.bias[...]},
+                    options=self._options())
+
+    def output_shape(self, in_shape):
+        _check_rank("ConvTranspose", in_shape, len(self.kernel_size))
+        probe = jax.ShapeDtypeStruct((1, *in_shape), jnp.float32)
+        w = jax.ShapeDtypeStruct(self.kernel.shape, jnp.float32)
+        _, pads, op, dilation = F.conv_transpose_geometry(probe, w, fn="ConvTranspose", **self._options())
+        return (*F.transpose_output_spatial(in_shape[:-1], pads, self.kernel_size, self.stride, dilation, op),
+                self.kernel.shape[-1] * self.groups)
+
+    def window(self, in_shape):
+        # one output reads at most ceil(M / S) consecutive inputs; input steps are 1/S output steps
+        return [(-(-F.effective_kernel(k, d) // s), Fraction(1, s))
+                for k, d, s in zip(self.kernel_size, self.dilation, self.stride)]
+
+    def flops(self, in_shape):
+        # every input element meets every kernel tap once: 2 * W * prod(K) * C_out/G MACs, plus the bias
+        c_out = self.kernel.shape[-1] * self.groups
+        macs = math.prod(in_shape) * math.prod(self.kernel_size) * self.kernel.shape[-1]
+        return 2 * macs + (self.bias is not None) * math.prod(self.output_shape(in_shape)[:-1]) * c_out
 
 
 class Dense(Layer):
     """Fully connected layer ``x @ kernel + bias`` on ``[N, D_in]``."""
 
-    geometry = "global"
-
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, kernel_init="he_normal",
                  param_dtype=jnp.float32, dtype=None, grad: str = "auto", rngs: nnx.Rngs):
-        self.grad, self.dtype = _check_grad(grad, "Dense"), dtype
+        self.grad, self.dtype = grad, dtype
         self.kernel = nnx.Param(initializer(kernel_init)(rngs.params(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
-    def __call__(self, x):
-        b = None if self.bias is None else self.bias[...]
-        x, w, b = self.cast(x, self.kernel[...], b)
-        return self.op(F.dense)(x, w, b)
+    def spec(self, x):
+        return Spec(F.dense, {"kernel": self.kernel[...], "bias": None if self.bias is None else self.bias[...]})
 
     def output_shape(self, in_shape):
         if len(in_shape) != 1 or in_shape[0] != self.kernel.shape[0]:
             raise ValueError(f"Dense: expects inputs of shape ({self.kernel.shape[0]},), got {tuple(in_shape)}")
         return (self.kernel.shape[1],)
 
-    def forward_and_backward(self, x):
-        b = None if self.bias is None else self.bias[...]
-        x, w, b = self.cast(x, self.kernel[...], b)
-        y = F.dense(x, w, b)
+    def window(self, in_shape):
+        return GLOBAL
 
-        def back(g):
-            dx, dw, db = G.dense_vjp(g, x, w)
-            return dx, ({"kernel": dw} if b is None else {"kernel": dw, "bias": db})
-        return y, back
+    def flops(self, in_shape):
+        return 2 * math.prod(self.kernel.shape) + (self.bias is not None) * self.kernel.shape[1]
 
 
 class _Pool(Layer):
-    forward = None
+    op = None
 
     def __init__(self, window, *, stride=None, padding="VALID", grad: str = "auto"):
-        self.window, self.stride, self.padding = window, stride, padding
-        self.grad = _check_grad(grad, type(self).__name__)
+        name = type(self).__name__
+        n = 1 if isinstance(window, int) else len(window)  # an int means "the same on every spatial axis"
+        F.int_tuple(window, n, fn=name, name="window")
+        if stride is not None:
+            F.int_tuple(stride, 1 if isinstance(stride, int) else len(stride), fn=name, name="stride")
+        self.window_size, self.stride, self.padding, self.grad = window, stride, padding, grad
 
     def _options(self):
         return dict(stride=self.stride, padding=self.padding)
 
     def _resolved(self, in_shape):
-        n = len(in_shape) - 1
-        window = F.int_tuple(self.window, n, fn=type(self).__name__, name="window")
-        stride = window if self.stride is None else F.int_tuple(self.stride, n, fn=type(self).__name__,
-                                                                name="stride")
-        pads = F.resolve_padding(self.padding, fn=type(self).__name__, in_spatial=in_shape[:-1], window=window,
-                                 stride=stride)
+        n, name = len(in_shape) - 1, type(self).__name__
+        window = F.int_tuple(self.window_size, n, fn=name, name="window")
+        stride = window if self.stride is None else F.int_tuple(self.stride, n, fn=name, name="stride")
+        pads = F.resolve_padding(self.padding, fn=name, in_spatial=in_shape[:-1], window=window, stride=stride)
         return window, stride, pads
+
+    def spec(self, x):
+        window, stride, _ = self._resolved(x.shape[1:])
+        return Spec(type(self).op, {}, (window,), {**self._options(), "stride": stride})
 
     def output_shape(self, in_shape):
         window, stride, pads = self._resolved(in_shape)
         F._check_fits(type(self).__name__, in_shape[:-1], pads, window, (1,) * len(window), what="window")
         return (*F.output_spatial(in_shape[:-1], pads, window, stride), in_shape[-1])
 
-    def geometry_for(self, in_shape):
-        window, stride, pads = self._resolved(in_shape)
-        return [(k, s, lo) for k, s, (lo, _) in zip(window, stride, pads)]
+    def window(self, in_shape):
+        window, stride, _ = self._resolved(in_shape)
+        return list(zip(window, stride))
+
+    def flops(self, in_shape):
+        window, _, _ = self._resolved(in_shape)
+        return math.prod(self.output_shape(in_shape)) * math.prod(window)
 
 
 class MaxPool(_Pool):
     """Max pooling; ``stride=None`` means stride = window."""
-
-    def __call__(self, x):
-        return self.op(F.max_pool)(x, self.window, **self._options())
-
-    def forward_and_backward(self, x):
-        y = F.max_pool(x, self.window, **self._options())
-        return y, lambda g: (G.max_pool_vjp(g, x, self.window, **self._options()), {})
+    op = staticmethod(F.max_pool)
 
 
 class AvgPool(_Pool):
     """Average pooling; ``count_include_pad`` as in PyTorch."""
+    op = staticmethod(F.avg_pool)
 
     def __init__(self, window, *, stride=None, padding="VALID", count_include_pad: bool = True, grad="auto"):
         super().__init__(window, stride=stride, padding=padding, grad=grad)
         self.count_include_pad = count_include_pad
 
     def _options(self):
-        return dict(stride=self.stride, padding=self.padding, count_include_pad=self.count_include_pad)
-
-    def __call__(self, x):
-        return self.op(F.avg_pool)(x, self.window, **self._options())
-
-    def forward_and_backward(self, x):
-        y = F.avg_pool(x, self.window, **self._options())
-        return y, lambda g: (G.avg_pool_vjp(g, x, self.window, **self._options()), {})
+        return {**super()._options(), "count_include_pad": self.count_include_pad}
 
 
-class _Stateless(Layer):
-    """A layer with no parameters whose op is ``forward(x)`` with backward ``vjp(g, x)``."""
-
-    forward = staticmethod(lambda x: x)
-    vjp = staticmethod(lambda g, x: g)
-
-    def __init__(self, *, grad: str = "auto"):
-        self.grad = _check_grad(grad, type(self).__name__)
-
-    def __call__(self, x):
-        return self.op(type(self).forward)(x)
-
-    def forward_and_backward(self, x):
-        return type(self).forward(x), lambda g: (type(self).vjp(g, x), {})
-
-
-class ReLU(_Stateless):
-    """``max(x, 0)``."""
-    forward, vjp = staticmethod(F.relu), staticmethod(G.relu_vjp)
-
-
-class Flatten(_Stateless):
-    """``[N, ...] -> [N, prod(...)]``."""
-    forward, vjp = staticmethod(F.flatten), staticmethod(G.flatten_vjp)
-    geometry = "global"
+class Flatten(Pointwise):
+    """``[N, ...] -> [N, prod(...)]`` (channels-last order)."""
+    op = staticmethod(F.flatten)
 
     def output_shape(self, in_shape):
         return (math.prod(in_shape),)
 
+    def window(self, in_shape):
+        return GLOBAL
 
-class GlobalAvgPool(_Stateless):
+
+class GlobalAvgPool(Pointwise):
     """Mean over all spatial axes: ``[N, *spatial, C] -> [N, C]``."""
-    forward, vjp = staticmethod(F.global_avg_pool), staticmethod(G.global_avg_pool_vjp)
-    geometry = "global"
+    op, flops_per_element = staticmethod(F.global_avg_pool), 1
 
     def output_shape(self, in_shape):
         return (in_shape[-1],)
 
+    def window(self, in_shape):
+        return GLOBAL
 
-class Dropout(Layer):
+
+class Upsample(Layer):
+    """Upsample every spatial axis by an integer ``scale``: ``"nearest"`` or ``"bilinear"`` (PyTorch's,
+    ``align_corners=False``)."""
+
+    def __init__(self, scale, *, method: str = "nearest", grad: str = "auto"):
+        if method not in ("nearest", "bilinear"):
+            raise ValueError(f"Upsample: `method` must be 'nearest' or 'bilinear', got {method!r}")
+        self.scale, self.method, self.grad = scale, method, grad
+
+    def _scale(self, in_shape):
+        return F.int_tuple(self.scale, len(in_shape) - 1, fn="Upsample", name="scale")
+
+    def spec(self, x):
+        return Spec(F.upsample, {}, (self._scale(x.shape[1:]),), {"method": self.method})
+
+    def output_shape(self, in_shape):
+        return (*[w * s for w, s in zip(in_shape[:-1], self._scale(in_shape))], in_shape[-1])
+
+    def window(self, in_shape):
+        span = 1 if self.method == "nearest" else 2
+        return [(span, Fraction(1, s)) for s in self._scale(in_shape)]
+
+    def flops(self, in_shape):
+        # bilinear: per axis, each output element is a 2-tap weighted sum (3 FLOPs); nearest copies
+        if self.method == "nearest":
+            return 0
+        total, shape = 0, list(in_shape)
+        for axis, s in enumerate(self._scale(in_shape)):
+            shape[axis] *= s
+            total += 3 * math.prod(shape) if s > 1 else 0
+        return total
+
+
+class Dropout(Pointwise):
     """Inverted dropout, active unless ``deterministic`` (``model.eval()`` sets it)."""
+
+    flops_per_element = 1
 
     def __init__(self, drop_rate: float, *, deterministic: bool = False, grad: str = "auto", rngs: nnx.Rngs):
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"Dropout: `drop_rate` must be in [0, 1), got {drop_rate}")
+        super().__init__(grad=grad)
         self.drop_rate, self.deterministic = drop_rate, deterministic
-        self.grad = _check_grad(grad, "Dropout")
         self.rngs = rngs["dropout"].fork()
 
-    def _key(self):
-        return None if self.deterministic or self.drop_rate == 0 else self.rngs()
-
-    def __call__(self, x):
-        key = self._key()
-        if key is None:
-            return x
-        return self.op(F.dropout)(x, key, drop_rate=self.drop_rate)
-
-    def forward_and_backward(self, x):
-        key = self._key()
-        if key is None:
-            return x, lambda g: (g, {})
-        y = F.dropout(x, key, drop_rate=self.drop_rate)
-        return y, lambda g: (G.dropout_vjp(g, x, key, drop_rate=self.drop_rate), {})
+    def spec(self, x):
+        if self.deterministic or self.drop_rate == 0:
+            return Spec(F.identity, {})
+        return Spec(F.dropout, {}, (self.rngs(),), {"drop_rate": self.drop_rate})
 
 
-class BatchNorm(Layer):
+class _Affine(Pointwise):
+    """A normalisation with a per-channel ``scale`` and ``bias``."""
+
+    flops_per_element = 2
+
+    def __init__(self, num_features: int, *, epsilon: float, param_dtype, dtype, grad):
+        super().__init__(grad=grad)
+        self.epsilon, self.dtype = epsilon, dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+
+    def _affine(self):
+        return {"scale": self.scale[...], "bias": self.bias[...]}
+
+
+class BatchNorm(_Affine):
     """Batch normalisation over the last axis; running statistics as ``nnx.BatchStat``.
 
     Training (``use_running_average=False``) normalises with this batch's biased variance and
     updates ``mean <- momentum * mean + (1 - momentum) * batch_mean`` (the same for var), as Flax.
+    Under ``jit`` with a sharded batch the statistics are those of the global batch.
     """
 
     def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
                  use_running_average: bool = False, param_dtype=jnp.float32, dtype=None, grad: str = "auto",
                  rngs: nnx.Rngs | None = None):
-        self.momentum, self.epsilon = momentum, epsilon
-        self.use_running_average = use_running_average
-        self.grad, self.dtype = _check_grad(grad, "BatchNorm"), dtype
-        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+        super().__init__(num_features, epsilon=epsilon, param_dtype=param_dtype, dtype=dtype, grad=grad)
+        self.momentum, self.use_running_average = momentum, use_running_average
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
 
-    def _update_stats(self, x):
+    def spec(self, x):
+        if self.use_running_average:
+            stats = self.cast(self.mean[...], self.var[...])
+            return Spec(F.batch_norm, self._affine(), stats, {"epsilon": self.epsilon})
         mean, var = F.batch_moments(jax.lax.stop_gradient(x).astype(jnp.float32))
         m = self.momentum
         self.mean[...] = m * self.mean[...] + (1 - m) * mean
         self.var[...] = m * self.var[...] + (1 - m) * var
+        return Spec(F.batch_norm_train, self._affine(), options={"epsilon": self.epsilon})
+
+
+class LayerNorm(_Affine):
+    """Normalises each position over its channels (the last axis), as Flax's ``LayerNorm``."""
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-5, param_dtype=jnp.float32, dtype=None,
+                 grad: str = "auto", rngs: nnx.Rngs | None = None):
+        super().__init__(num_features, epsilon=epsilon, param_dtype=param_dtype, dtype=dtype, grad=grad)
+
+    def spec(self, x):
+        return Spec(F.layer_norm, self._affine(), options={"epsilon": self.epsilon})
+
+
+class GroupNorm(_Affine):
+    """PyTorch's ``GroupNorm``: statistics per example and channel group, independent of the batch."""
+
+    def __init__(self, num_features: int, num_groups: int = 32, *, epsilon: float = 1e-5, param_dtype=jnp.float32,
+                 dtype=None, grad: str = "auto", rngs: nnx.Rngs | None = None):
+        if not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups:
+            raise ValueError(f"GroupNorm: `num_groups` (={num_groups}) must be a positive int dividing "
+                             f"`num_features` (={num_features})")
+        super().__init__(num_features, epsilon=epsilon, param_dtype=param_dtype, dtype=dtype, grad=grad)
+        self.num_groups = num_groups
+
+    def spec(self, x):
+        return Spec(F.group_norm, self._affine(), options={"epsilon": self.epsilon, "num_groups": self.num_groups})
+
+
+# --------------------------------------------------------------------------- composites
+
+
+def _check_layer(child, where):
+    if not isinstance(child, Layer):
+        raise TypeError(f"{where} must be a jaxconv.layers.Layer (subclass it and declare `spec`, `output_shape`, "
+                        f"`window` and `flops`), got {type(child).__name__}")
+    return child
+
+
+class Composite(Layer):
+    """A layer made of layers; ``grad`` set on it reaches its own combining op (add, concat)."""
+
+    def spec(self, x):
+        raise TypeError(f"{type(self).__name__} is a composite: it has no single op")
+
+    def window(self, in_shape):
+        raise TypeError(f"{type(self).__name__} is a composite: ask `receptive_field`")
+
+    def _combine(self, op):
+        return G.manual(op) if self.grad == "manual" else op
+
+
+class Sequential(Composite):
+    """Layers applied in order; ``input_shape`` (per example) is remembered for the top-level model."""
+
+    def __init__(self, layers, *, input_shape=None, name: str = "sequential", grad: str = "auto"):
+        layers = list(layers)
+        for i, layer in enumerate(layers):
+            _check_layer(layer, f"Sequential: layer {i}")
+        self.layers = nnx.List(layers)
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+        self.name, self.grad = name, grad
 
     def __call__(self, x):
-        x, scale, bias = self.cast(x, self.scale[...], self.bias[...])
-        if self.use_running_average:
-            mean, var = self.cast(self.mean[...], self.var[...])
-            return self.op(F.batch_norm)(x, scale, bias, mean, var, epsilon=self.epsilon)
-        self._update_stats(x)
-        return self.op(F.batch_norm_train)(x, scale, bias, epsilon=self.epsilon)
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
     def forward_and_backward(self, x):
-        x, scale, bias = self.cast(x, self.scale[...], self.bias[...])
-        if self.use_running_average:
-            mean, var = self.cast(self.mean[...], self.var[...])
-            y = F.batch_norm(x, scale, bias, mean, var, epsilon=self.epsilon)
+        backs = []
+        for layer in self.layers:
+            x, back = layer.forward_and_backward(x)
+            backs.append(back)
 
-            def back(g):
-                dx, dscale, dbias, _, _ = G.batch_norm_vjp(g, x, scale, bias, mean, var, epsilon=self.epsilon)
-                return dx, {"scale": dscale, "bias": dbias}
-            return y, back
-        self._update_stats(x)
-        y = F.batch_norm_train(x, scale, bias, epsilon=self.epsilon)
+        def back(g):
+            grads = {}
+            for i in reversed(range(len(backs))):
+                g, grads[i] = backs[i](g)
+            return g, {"layers": grads}
+        return x, back
 
-        def back_train(g):
-            dx, dscale, dbias = G.batch_norm_train_vjp(g, x, scale, bias, epsilon=self.epsilon)
-            return dx, {"scale": dscale, "bias": dbias}
-        return y, back_train
+    def children(self, in_shape, field=None):
+        out, shape = [], tuple(in_shape)
+        for i, layer in enumerate(self.layers):
+            out.append((str(i), layer, shape, field))
+            field = None if field is None else layer.receptive_field(shape, field)
+            shape = layer.output_shape(shape)
+        return out
+
+    def shapes(self, input_shape=None):
+        """Per-example output shape after each layer (shape arithmetic only, nothing runs)."""
+        return [layer.output_shape(shape) for _, layer, shape, _ in self.children(input_shape or self.input_shape)]
+
+    def output_shape(self, in_shape):
+        for layer in self.layers:
+            in_shape = layer.output_shape(in_shape)
+        return tuple(in_shape)
+
+    def receptive_field(self, in_shape, field):
+        for _, layer, shape, _ in self.children(in_shape):
+            field = layer.receptive_field(shape, field)
+        return field
+
+    def flops(self, in_shape):
+        return sum(layer.flops(shape) for _, layer, shape, _ in self.children(in_shape))
+
+
+def _widest(fields):
+    if any(f == GLOBAL for f in fields):
+        return GLOBAL
+    return tuple((max(r for r, _ in axis), max(j for _, j in axis)) for axis in zip(*fields))
+
+
+class Residual(Composite):
+    """``body(x) + shortcut(x)``, the shortcut the identity when ``None`` (He et al. 2016).
+
+    Backward: the upstream gradient goes to both branches, and their input gradients add.
+    Receptive field: the wider branch's; FLOPs: both branches plus the add.
+    """
+
+    def __init__(self, body, shortcut=None, *, grad: str = "auto"):
+        self.body = _check_layer(body, "Residual: `body`")
+        self.shortcut = Identity() if shortcut is None else _check_layer(shortcut, "Residual: `shortcut`")
+        self.grad = grad
+
+    def __call__(self, x):
+        return self._combine(F.add)(self.body(x), self.shortcut(x))
+
+    def forward_and_backward(self, x):
+        y_body, back_body = self.body.forward_and_backward(x)
+        y_short, back_short = self.shortcut.forward_and_backward(x)
+
+        def back(g):
+            g_body, g_short = G.add_vjp(g, y_body, y_short)
+            dx_body, p_body = back_body(g_body)
+            dx_short, p_short = back_short(g_short)
+            return F.add(dx_body, dx_short), {"body": p_body, "shortcut": p_short}
+        return F.add(y_body, y_short), back
+
+    def children(self, in_shape, field=None):
+        return [("body", self.body, tuple(in_shape), field), ("shortcut", self.shortcut, tuple(in_shape), field)]
+
+    def output_shape(self, in_shape):
+        body, short = self.body.output_shape(in_shape), self.shortcut.output_shape(in_shape)
+        if body != short:
+            raise ValueError(f"Residual: the body's output {body} and the shortcut's {short} differ for input "
+                             f"{tuple(in_shape)}; give a projection shortcut (e.g. a strided 1x1 Conv)")
+        return body
+
+    def receptive_field(self, in_shape, field):
+        return _widest([self.body.receptive_field(in_shape, field), self.shortcut.receptive_field(in_shape, field)])
+
+    def flops(self, in_shape):
+        return (self.body.flops(in_shape) + self.shortcut.flops(in_shape)
+                + math.prod(self.output_shape(in_shape)))
+
+
+class Concat(Composite):
+    """Parallel branches on one input, joined on the channel axis (a U-Net skip: ``Concat(Identity(), deeper)``).
+
+    Backward: the upstream gradient is cut by channels, one piece per branch, and their input
+    gradients add. Receptive field: the widest branch's; FLOPs: the branches' (joining costs none).
+    """
+
+    def __init__(self, *branches, grad: str = "auto"):
+        if len(branches) < 2:
+            raise ValueError(f"Concat: needs at least 2 branches, got {len(branches)}")
+        self.branches = nnx.List([_check_layer(b, f"Concat: branch {i}") for i, b in enumerate(branches)])
+        self.grad = grad
+
+    def __call__(self, x):
+        return self._combine(F.concat)([branch(x) for branch in self.branches])
+
+    def forward_and_backward(self, x):
+        ys, backs = zip(*[branch.forward_and_backward(x) for branch in self.branches])
+
+        def back(g):
+            dx, grads = None, {}
+            for i, (piece, back_i) in enumerate(zip(G.concat_vjp(g, list(ys)), backs)):
+                dx_i, grads[i] = back_i(piece)
+                dx = dx_i if dx is None else F.add(dx, dx_i)
+            return dx, {"branches": grads}
+        return F.concat(list(ys)), back
+
+    def children(self, in_shape, field=None):
+        return [(str(i), b, tuple(in_shape), field) for i, b in enumerate(self.branches)]
+
+    def output_shape(self, in_shape):
+        shapes = [b.output_shape(in_shape) for b in self.branches]
+        if len({s[:-1] for s in shapes}) != 1:
+            raise ValueError(f"Concat: the branches' outputs {shapes} differ in more than their channels for input "
+                             f"{tuple(in_shape)}")
+        return (*shapes[0][:-1], sum(s[-1] for s in shapes))
+
+    def receptive_field(self, in_shape, field):
+        return _widest([b.receptive_field(in_shape, field) for b in self.branches])
+
+    def flops(self, in_shape):
+        return sum(b.flops(in_shape) for b in self.branches)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import NamedTuple
 
 from jaxconv import functional as F
 from jaxconv import layers as L
@@ -43,78 +44,65 @@ def conv_output_size(size: int, kernel: int, *, stride: int = 1, padding=0, dila
     return span // stride + 1
 
 
-def layer_flops(layer, in_shape, out_shape) -> int:
-    """Forward FLOPs of one layer for one example (multiply-add = 2)."""
-    out_size = math.prod(out_shape)
-    if isinstance(layer, L.Conv):
-        kernel = layer.kernel.shape
-        return 2 * out_size * math.prod(kernel[:-1])
-    if isinstance(layer, L.Dense):
-        return 2 * math.prod(layer.kernel.shape)
-    if isinstance(layer, L._Pool):
-        window, _, _ = layer._resolved(in_shape)
-        return out_size * math.prod(window)
-    if isinstance(layer, L.GlobalAvgPool):
-        return math.prod(in_shape)
-    if isinstance(layer, (L.ReLU, L.Dropout)):
-        return out_size
-    if isinstance(layer, L.BatchNorm):
-        return 2 * out_size
-    return 0
+def _start(input_shape):
+    return tuple((1, 1) for _ in input_shape[:-1])
 
 
-def _layers_and_shape(model, input_shape):
-    layers = list(getattr(model, "layers", model))
+def _sizes(field):
+    """Per-axis receptive-field sizes in input pixels (``None`` once global); fractional steps of
+    transposed convs and upsampling round up."""
+    return None if field == L.GLOBAL else tuple(math.ceil(r) for r, _ in field)
+
+
+def _input_shape(model, input_shape):
     shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
     if shape is None:
-        raise ValueError("receptive_field/summary: pass `input_shape` (per example, e.g. (28, 28, 1)) for a layer list")
-    return layers, tuple(shape)
-
-
-def receptive_fields(model, input_shape=None):
-    """Per layer: per-axis receptive field size (in input pixels) of one output unit, or ``None``
-    once a layer mixes all positions (flatten, dense, global pooling)."""
-    layers, shape = _layers_and_shape(model, input_shape)
-    n = len(shape) - 1
-    rf, jump, out = [1] * n, [1] * n, []
-    for layer in layers:
-        geometry = layer.geometry_for(shape) if rf is not None else "global"
-        if geometry == "global":
-            rf = None
-        elif geometry is not None:
-            rf = [r + (m - 1) * j for r, j, (m, _, _) in zip(rf, jump, geometry)]
-            jump = [j * s for j, (_, s, _) in zip(jump, geometry)]
-        out.append(None if rf is None else tuple(rf))
-        shape = layer.output_shape(shape)
-    return out
+        raise ValueError("receptive_field/summary: pass `input_shape` (per example, e.g. (28, 28, 1)) for a model "
+                         "built without one")
+    return tuple(shape)
 
 
 def receptive_field(model, input_shape=None):
-    """Receptive field of the last layer that still has spatial axes, per axis: ``r += (M-1) * jump``."""
-    spatial = [r for r in receptive_fields(model, input_shape) if r is not None]
-    return spatial[-1] if spatial else (1,) * (len(_layers_and_shape(model, input_shape)[1]) - 1)
+    """Per-axis receptive field (input pixels) of the last top-level layer that still has spatial axes.
+
+    Each layer maps the field of its input to its output's (``size += (span - 1) * jump``,
+    ``jump *= stride``); a residual block or concat takes its widest branch.
+    """
+    rows = [r for r in summary(model, input_shape, depth=0).rows if r.receptive_field is not None]
+    return rows[-1].receptive_field if rows else (1,) * (len(_input_shape(model, input_shape)) - 1)
+
+
+class Row(NamedTuple):
+    layer: str               # the layer's class name
+    output_shape: tuple      # per example
+    params: int
+    flops: int               # forward, per example, multiply-add = 2
+    receptive_field: tuple | None  # per axis, in input pixels; None once global
+    depth: int = 0           # nesting level: 0 for the model's own layers
+    label: str = ""          # index in a Sequential, "body"/"shortcut" in a Residual, branch in a Concat
 
 
 @dataclass
 class Summary:
-    """The rows of :func:`summary`; ``str()`` gives the table."""
+    """The rows of :func:`summary`, children indented under their composite; ``str()`` gives the table."""
 
     name: str
     input_shape: tuple
-    rows: list = field(default_factory=list)  # (layer, output shape, params, flops, receptive field)
+    rows: list = field(default_factory=list)
 
     @property
     def total_params(self) -> int:
-        return sum(r[2] for r in self.rows)
+        return sum(r.params for r in self.rows if r.depth == 0)
 
     @property
     def total_flops(self) -> int:
-        return sum(r[3] for r in self.rows)
+        return sum(r.flops for r in self.rows if r.depth == 0)
 
     def __str__(self) -> str:
         head = ("layer", "output shape", "params", "FLOPs", "receptive field")
-        body = [(f"{i}: {r[0]}", str(r[1]), f"{r[2]:,}", f"{r[3]:,}", "global" if r[4] is None else "x".join(map(str, r[4])))
-                for i, r in enumerate(self.rows)]
+        body = [("  " * r.depth + f"{r.label}: {r.layer}", str(r.output_shape), f"{r.params:,}", f"{r.flops:,}",
+                 "global" if r.receptive_field is None else "x".join(map(str, r.receptive_field)))
+                for r in self.rows]
         widths = [max(len(h), *(len(b[c]) for b in body)) for c, h in enumerate(head)]
         line = lambda cells: "  ".join(c.ljust(w) if i in (0, 1, 4) else c.rjust(w)
                                        for i, (c, w) in enumerate(zip(cells, widths)))
@@ -126,12 +114,26 @@ class Summary:
     __repr__ = __str__
 
 
-def summary(model, input_shape=None) -> Summary:
-    """A Keras/torchinfo-style table: layer, output shape, params, FLOPs, receptive field."""
-    layers, shape = _layers_and_shape(model, input_shape)
-    result = Summary(getattr(model, "name", "model"), shape)
-    for layer, rf in zip(layers, receptive_fields(layers, shape)):
-        out = layer.output_shape(shape)
-        result.rows.append((type(layer).__name__, out, count_params(layer), layer_flops(layer, shape, out), rf))
-        shape = out
+def summary(model, input_shape=None, *, depth: int | None = None) -> Summary:
+    """A torchinfo-style table of the module tree: layer, output shape, params, FLOPs, receptive field.
+
+    Every number comes from the layer itself (``output_shape``, ``flops``, ``receptive_field``), so a
+    layer that cannot answer raises rather than counting as 0. ``depth`` limits the nesting shown
+    (``0``: the model's own layers); totals are always the whole model's.
+    """
+    shape = _input_shape(model, input_shape)
+    result = Summary(getattr(model, "name", type(model).__name__), shape)
+
+    def walk(layer, label, in_shape, field, level):
+        out = layer.output_shape(in_shape)
+        out_field = layer.receptive_field(in_shape, field)
+        if level >= 0:
+            result.rows.append(Row(type(layer).__name__, out, count_params(layer), layer.flops(in_shape),
+                                   _sizes(out_field), level, label))
+        if depth is None or level < depth:
+            for child_label, child, child_shape, child_field in layer.children(in_shape, field):
+                walk(child, child_label, child_shape, child_field, level + 1)
+        return out_field
+
+    walk(model, "", shape, _start(shape), -1)
     return result
