@@ -2,7 +2,7 @@
 
     python benchmarks/train_step_vs_torch.py --model seed_cnn --batch 128
 
-Both sides run the same architecture (built from the same layer list), SGD with momentum 0.9,
+Both sides run the same architecture (PyTorch's is ``jaxconv.torch_twin`` of the model), SGD with momentum 0.9,
 float32, on random data of the model's input shape. PyTorch runs NCHW and channels_last; the
 better of the two is the reference. Contenders are timed by ``gradcheck.alternating_medians``
 (rounds of 3 steps each, the first untimed) so that a noisy machine slows all of them alike.
@@ -13,66 +13,19 @@ import os
 import jax
 import optax
 from jaxconv import compiler
-from jaxconv import layers as L
-from jaxconv.gradcheck import alternating_medians, jitted_train_step, step_runner
+from jaxconv.gradcheck import random_batch, alternating_medians, jitted_train_step, step_runner
 from jaxconv.models import create_model
+from jaxconv.torch_twin import torch_twin
 
 
 def jax_step(model, batch, jit=compiler.jit):
-    x = jax.random.normal(jax.random.key(0), (batch, *model.input_shape))
-    y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
+    x, y = random_batch(model, batch, 0, jax.numpy.float32)
     return step_runner(*jitted_train_step(model, x, y, optax.sgd(0.01, momentum=0.9), jit=jit))
-
-
-def torch_model(model):
-    """The same layer list in PyTorch (NCHW), weights copied."""
-    import torch
-    tnn = torch.nn
-    mods = []
-    n_sp = len(model.input_shape) - 1
-    for layer in model.layers:
-        if isinstance(layer, L.Conv):
-            conv = (tnn.Conv1d if n_sp == 1 else tnn.Conv2d)
-            pad = layer.padding if isinstance(layer.padding, (int, tuple)) else layer.padding.lower()
-            if pad == "same" and max(layer.stride) > 1:
-                raise SystemExit("torch has no SAME padding with stride > 1")
-            t = conv(layer.kernel.shape[-2] * layer.groups, layer.kernel.shape[-1], layer.kernel_size,
-                     stride=layer.stride, padding=pad, dilation=layer.dilation, groups=layer.groups,
-                     bias=layer.bias is not None)
-            mods.append(t)
-        elif isinstance(layer, L.Dense):
-            mods.append(tnn.Linear(*layer.kernel.shape))
-        elif isinstance(layer, L.ReLU):
-            mods.append(tnn.ReLU())
-        elif isinstance(layer, L.MaxPool):
-            mods.append((tnn.MaxPool1d if n_sp == 1 else tnn.MaxPool2d)(layer.window, layer.stride, 0))
-        elif isinstance(layer, L.AvgPool):
-            mods.append((tnn.AvgPool1d if n_sp == 1 else tnn.AvgPool2d)(layer.window, layer.stride, 0))
-        elif isinstance(layer, L.Flatten):
-            # jaxconv flattens channels-last; permute so the Dense sees the same order
-            mods.append(tnn.Sequential(_ChannelsLast(), tnn.Flatten()))
-        elif isinstance(layer, L.BatchNorm):
-            mods.append((tnn.BatchNorm1d if n_sp == 1 else tnn.BatchNorm2d)(layer.scale.shape[0]))
-        elif isinstance(layer, L.GlobalAvgPool):
-            mods.append(tnn.Sequential(tnn.AdaptiveAvgPool2d(1), tnn.Flatten()))
-        else:
-            raise SystemExit(f"no torch twin for {type(layer).__name__}")
-    return tnn.Sequential(*mods)
-
-
-class _ChannelsLast:
-    pass
 
 
 def torch_step(model, batch, channels_last):
     import torch
-    global _ChannelsLast
-
-    class _ChannelsLast(torch.nn.Module):  # noqa: F811
-        def forward(self, x):
-            return x.permute(0, *range(2, x.ndim), 1)
-
-    net = torch_model(model)
+    net = torch_twin(model)
     x = torch.randn(batch, model.input_shape[-1], *model.input_shape[:-1])
     y = torch.randint(0, 10, (batch,))
     if channels_last:

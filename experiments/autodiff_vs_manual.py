@@ -41,10 +41,10 @@ def op_table(per_op: int):
     return lines
 
 
-def model_table(timing_models):
+def model_table(models, timing_models):
     lines = ["| model | worst rel. error vs jax.grad, float64 | float32 (HIGHEST) | worst rel. error vs finite "
              "difference, float64 | manual ms/step | auto ms/step | manual/auto |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in MODELS:
+    for name in models:
         rows = model_report(name)
         f64 = max(r[3] for r in rows if r[0] == "float64")
         f32 = max(r[3] for r in rows if r[0] == "float32")
@@ -90,7 +90,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-op", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--timing", nargs="*", default=["seed_cnn", "lenet5"])
+    parser.add_argument("--timing", nargs="*", default=["seed_cnn", "lenet5", "resnet20"])
+    parser.add_argument("--models", nargs="*", default=[m for m in MODELS if MODELS[m].input_shape[0] <= 32],
+                        help="models for the whole-model table (default: every model with inputs up to 32 pixels; "
+                             "the ImageNet ResNets take minutes each in float64)")
     args = parser.parse_args()
     os.makedirs(OUT, exist_ok=True)
     device = f"{jax.devices()[0].platform}, {os.cpu_count()} cores, jax {jax.__version__}"
@@ -98,7 +101,7 @@ def main():
     sections += op_table(args.per_op)
     print("\n".join(sections), flush=True)
     sections += ["", "## Whole models (batch 8; timing: batch 128, SGD step, median of 30 alternating rounds)", ""]
-    sections += model_table(args.timing)
+    sections += model_table(args.models, args.timing)
     sections += ["", "## Training", ""] + curves(args.epochs)
     text = "\n".join(sections) + "\n"
     with open(os.path.join(OUT, "autodiff_vs_manual.md"), "w") as f:

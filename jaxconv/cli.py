@@ -140,13 +140,14 @@ def _gradcheck(args) -> int:
     rows = model_report(args.model, batch=args.batch_size)
     fd_tolerance = 1e-5
     print(f"gradcheck {args.model}: manual backprop vs jax.grad vs central finite difference (random direction)")
-    print(f"{'dtype':8s} {'parameter':14s} {'max abs err':>12s} {'rel err vs auto':>16s} {'rel err vs FD':>14s}")
+    width = max(len("parameter"), *(len(r[1]) for r in rows))
+    print(f"{'dtype':8s} {'parameter':{width}s} {'max abs err':>12s} {'rel err vs auto':>16s} {'rel err vs FD':>14s}")
     failed = False
     for dtype, path, abs_err, rel, fd in rows:
         bad = rel > TOLERANCE[dtype] or (fd == fd and fd > fd_tolerance)
         failed |= bad
         fd_text = "-" if fd != fd else f"{fd:.2e}"
-        print(f"{dtype:8s} {path:14s} {abs_err:12.2e} {rel:16.2e} {fd_text:>14s}{'  FAIL' if bad else ''}")
+        print(f"{dtype:8s} {path:{width}s} {abs_err:12.2e} {rel:16.2e} {fd_text:>14s}{'  FAIL' if bad else ''}")
     jax.config.update("jax_enable_x64", False)
     manual_s, auto_s = step_time_ratio(args.model, batch=args.timing_batch)
     print(f"train step (float32, batch {args.timing_batch}, {jax.devices()[0].platform}): manual {manual_s * 1e3:.2f} ms, "

@@ -141,10 +141,12 @@ def op_error(forward, args, options, rng) -> float:
 # --------------------------------------------------------------------------- whole models
 
 
-def _batch(model, n, seed, dtype):
+def random_batch(model, n, seed, dtype):
+    """Random inputs and labels for ``model``: ``[n]`` classes, or ``[n, *spatial]`` for a per-position model."""
     key_x, key_y = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(key_x, (n, *model.input_shape), dtype)
-    return x, jax.random.randint(key_y, (n,), 0, 10)
+    *positions, classes = model.output_shape(model.input_shape)
+    return x, jax.random.randint(key_y, (n, *positions), 0, classes)
 
 
 def model_report(name: str, *, batch: int = 8, seed: int = 0, fd_step: float = 1e-6):
@@ -162,7 +164,7 @@ def model_report(name: str, *, batch: int = 8, seed: int = 0, fd_step: float = 1
     for dtype in (jnp.float64, jnp.float32):
         model = create_model(name, seed=seed, param_dtype=dtype)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        x, y = _batch(model, batch, seed, dtype)
+        x, y = random_batch(model, batch, seed, dtype)
 
         def loss_fn(p, r=rest):
             return F.cross_entropy(nnx.merge(graphdef, p, r, copy=True)(x), y)
@@ -238,7 +240,7 @@ def step_time_ratio(name: str, *, batch: int = 128, rounds: int = 30, seed: int 
     runs = {}
     for grad in ("auto", "manual"):
         model = create_model(name, seed=seed, grad=grad)
-        step, state = jitted_train_step(model, *_batch(model, batch, seed, jnp.float32), optax.sgd(0.01))
+        step, state = jitted_train_step(model, *random_batch(model, batch, seed, jnp.float32), optax.sgd(0.01))
         runs[grad] = step_runner(step, state)
         runs[grad]()
     med = alternating_medians(runs, rounds=rounds)

@@ -70,12 +70,13 @@ def _module(forward, **children):
 
 
 def _padded(module, pads, value=0.0):
-    """``module`` after explicit ``(lo, hi)`` padding of every spatial axis (PyTorch's own is symmetric)."""
-    torch, nn = _nn()
-    if all(lo == 0 and hi == 0 for lo, hi in pads):
-        return module
-    flat = [v for lo, hi in reversed(pads) for v in (lo, hi)]  # F.pad lists the last axis first
-    return _module(lambda self, x: self.op(torch.nn.functional.pad(x, flat, value=value)), op=module)
+    """``module`` with explicit ``(lo, hi)`` padding of every spatial axis before it (PyTorch's own
+    is symmetric): a forward pre-hook, so the module keeps its type and its state_dict keys."""
+    torch, _ = _nn()
+    if any(lo or hi for lo, hi in pads):
+        flat = [v for lo, hi in reversed(pads) for v in (lo, hi)]  # F.pad lists the last axis first
+        module.register_forward_pre_hook(lambda m, args: (torch.nn.functional.pad(args[0], flat, value=value),))
+    return module
 
 
 def _affine(layer):
@@ -89,13 +90,9 @@ def _conv(layer, in_shape):
     c_in, c_out = layer.kernel.shape[-2] * layer.groups, layer.kernel.shape[-1]
     module = getattr(nn, f"Conv{n}d")(c_in, c_out, layer.kernel_size, stride=layer.stride, padding=0,
                                       dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None)
-    names = [("kernel", "op.weight", _conv_kernel_to_torch, _conv_kernel_from_torch)]
-    names += [("bias", "op.bias", _same, _same)] if layer.bias is not None else []
-    pads = layer._pads(in_shape)
-    wrapped = _padded(module, pads)
-    if wrapped is module:
-        names = [(j, t.removeprefix("op."), a, b) for j, t, a, b in names]
-    return wrapped, names
+    names = [("kernel", "weight", _conv_kernel_to_torch, _conv_kernel_from_torch)]
+    names += [("bias", "bias", _same, _same)] if layer.bias is not None else []
+    return _padded(module, layer._pads(in_shape)), names
 
 
 @converts(L.ConvTranspose)

@@ -72,23 +72,120 @@ def test_bad_layer_arguments():
         L.Conv(4, 5, 3, groups=2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="Conv: `grad` must be 'auto' or 'manual', got 'fast'"):
         L.Conv(4, 4, 3, grad="fast", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="MaxPool: `window` must be >= 1 on every axis, got \\(0, 2\\)"):
+        L.MaxPool((0, 2))
+    with pytest.raises(ValueError, match="GroupNorm: `num_groups` \\(=3\\) must be a positive int dividing"):
+        L.GroupNorm(8, 3)
+    with pytest.raises(ValueError, match="Upsample: `method` must be 'nearest' or 'bilinear', got 'cubic'"):
+        L.Upsample(2, method="cubic")
     with pytest.raises(ValueError, match="Dropout: `drop_rate` must be in \\[0, 1\\), got 1.0"):
         L.Dropout(1.0, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("name, params", [("mnist1d_cnn", 2_050), ("mnist1d_mlp", 59_065), ("lenet5", 61_706),
-                                          ("seed_cnn", 824_458), ("convnetjs_cifar", 22_466)])
+                                          ("seed_cnn", 824_458), ("convnetjs_cifar", 22_466), ("resnet20", 272_474),
+                                          ("cifar_resnet18", 11_173_962), ("resnet18", 11_689_512),
+                                          ("resnet50", 25_557_032)])
 def test_parameter_counts(name, params):
     assert count_params(create_model(name)) == params
 
 
 def test_every_model_runs_in_both_grad_modes():
     for name in MODELS:
+        if MODELS[name].input_shape[0] > 32:
+            continue  # the ImageNet ResNets: their twins and FLOP tests run them
         auto, manual = create_model(name, seed=3), create_model(name, seed=3, grad="manual")
         x = jax.random.normal(jax.random.key(0), (2, *auto.input_shape))
         auto.eval(), manual.eval()
         np.testing.assert_array_equal(auto(x), manual(x))
-        assert auto(x).shape == (2, 10)
+        assert auto(x).shape == (2, *auto.output_shape(auto.input_shape))
+        assert auto(x).shape[-1] == (2 if name == "unet_small" else 10)
+
+
+def test_grad_mode_switches_on_a_built_model_in_one_call():
+    model = create_model("resnet20")
+    modes = lambda: {m.grad for _, m in nnx.iter_modules(model) if isinstance(m, L.Layer)}
+    assert modes() == {"auto"}
+    model.set_attributes(grad="manual")
+    assert modes() == {"manual"}
+    with pytest.raises(ValueError, match="`grad` must be 'auto' or 'manual', got 'fast'"):
+        model.set_attributes(grad="fast")
+
+
+def test_residual_adds_branches_and_concat_joins_channels(rng):
+    rngs = nnx.Rngs(0)
+    body = L.Sequential([L.Conv(4, 4, (3, 3), padding=1, rngs=rngs), L.ReLU()])
+    short = L.Conv(4, 4, (1, 1), rngs=rngs)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
+    np.testing.assert_array_equal(L.Residual(body)(x), body(x) + x)
+    np.testing.assert_array_equal(L.Residual(body, short)(x), body(x) + short(x))
+    cat = L.Concat(L.Identity(), body, short)
+    np.testing.assert_array_equal(cat(x), jnp.concatenate([x, body(x), short(x)], axis=-1))
+    assert cat.output_shape((6, 6, 4)) == (6, 6, 12)
+
+
+def test_composites_refuse_what_they_cannot_combine():
+    rngs = nnx.Rngs(0)
+    with pytest.raises(ValueError, match=r"Residual: the body's output \(3, 3, 4\) and the shortcut's \(6, 6, 4\) "
+                                         r"differ .* give a projection shortcut"):
+        L.Residual(L.Conv(4, 4, (3, 3), stride=2, padding=1, rngs=rngs)).output_shape((6, 6, 4))
+    with pytest.raises(ValueError, match=r"Concat: the branches' outputs \[\(6, 6, 4\), \(3, 3, 4\)\] differ"):
+        L.Concat(L.Identity(), L.MaxPool(2)).output_shape((6, 6, 4))
+    with pytest.raises(TypeError, match="Sequential: layer 1 must be a jaxconv.layers.Layer .* got Linear"):
+        L.Sequential([L.ReLU(), nnx.Linear(2, 2, rngs=rngs)])
+    with pytest.raises(ValueError, match="Concat: needs at least 2 branches, got 1"):
+        L.Concat(L.Identity())
+
+
+def test_a_user_leaf_declares_op_and_params_and_gets_everything_else():
+    """A leaf written outside jaxconv: it names its op and parameters; __call__, the manual backward and
+    summary come from the base class."""
+    from jaxconv import functional as F, summary
+    from jaxconv.backprop import manual_value_and_grad
+
+    class Scale(L.Pointwise):
+        def __init__(self, c):
+            super().__init__()
+            self.scale = nnx.Param(jnp.full((c,), 2.0))
+            self.bias = nnx.Param(jnp.zeros((c,)))
+
+        def spec(self, x):
+            return L.Spec(F.layer_norm, {"scale": self.scale[...], "bias": self.bias[...]}, options={"epsilon": 1e-5})
+
+    rngs = nnx.Rngs(0)
+    model = L.Sequential([L.Conv(1, 4, (3, 3), rngs=rngs), Scale(4), L.Flatten(), L.Dense(64, 3, rngs=rngs)],
+                         input_shape=(6, 6, 1))
+    x = jax.random.normal(jax.random.key(0), (5, 6, 6, 1))
+    y = jnp.array([0, 1, 2, 0, 1])
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef = nnx.graphdef(model)
+    auto = jax.grad(lambda p: F.cross_entropy(nnx.merge(graphdef, p, rest, copy=True)(x), y))(params)
+    _, manual = manual_value_and_grad(model, params, x, y)
+    for (path, a), (_, m) in zip(nnx.to_flat_state(auto), nnx.to_flat_state(manual)):
+        np.testing.assert_allclose(m[...], a[...], rtol=1e-4, atol=1e-6, err_msg=str(path))
+    assert summary(model).rows[1].params == 8
+
+
+def test_register_model_and_builder():
+    from jaxconv.models import Builder, register_model
+
+    @register_model("test_tiny_resnet", input_shape=(8, 8, 1))
+    def tiny(b: Builder, num_classes):
+        b.conv(4, (3, 3), padding=1).relu()
+        b.residual(lambda r: r.conv(4, (3, 3), padding=1).relu(), lambda s: s.conv(4, (1, 1))).relu()
+        b.global_avg_pool().dense(num_classes)
+
+    try:
+        model = create_model("test_tiny_resnet", num_classes=3)
+        assert model(jnp.zeros((2, 8, 8, 1))).shape == (2, 3)
+        assert count_params(model) == (9 * 4 + 4) + (9 * 16 + 4) + (4 * 4 + 4) + (4 * 3 + 3)
+        with pytest.raises(ValueError, match="register_model: a model named 'test_tiny_resnet' is already registered"):
+            register_model("test_tiny_resnet", input_shape=(8, 8, 1))(tiny)
+        with pytest.raises(TypeError):
+            MODELS["x"] = None  # the registry is read-only
+    finally:
+        from jaxconv import models
+        models._REGISTRY.pop("test_tiny_resnet", None)
 
 
 def test_models_adapt_or_refuse_input_shapes():

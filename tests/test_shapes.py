@@ -3,7 +3,8 @@ import re
 
 import pytest
 
-from jaxconv import create_model, receptive_field, summary
+from jaxconv import MODELS, create_model, receptive_field, summary
+from jaxconv import functional as F
 from jaxconv.shapes import conv_output_size
 
 
@@ -45,18 +46,92 @@ def test_summary_table_lenet5():
     assert s.total_params == 61_706
     first_conv = s.rows[0]
     assert first_conv[:3] == ("Conv", (28, 28, 6), 156)
-    assert first_conv[3] == 2 * 28 * 28 * 6 * 25  # multiply-add = 2 FLOPs
+    # 5 taps on 28 inputs padded by 2: outputs 0 and 27 see 3 real inputs, 1 and 26 see 4, the other 24 see 5
+    taps = (3 + 4 + 24 * 5 + 4 + 3) ** 2
+    assert first_conv.flops == 2 * taps * 1 * 6 + 28 * 28 * 6  # multiply-add = 2, plus the bias
+    assert s.rows[3].flops == 2 * (10 * 10 * 25) * 6 * 16 + 10 * 10 * 16  # unpadded: every tap is real
     assert s.rows[-1][:3] == ("Dense", (10,), 850)
+    assert s.rows[-1].flops == 2 * 84 * 10 + 10
     text = str(s)
     for piece in ("layer", "output shape", "params", "FLOPs", "receptive field", "61,706", "(5, 5, 16)", "global"):
         assert piece in text
 
 
+def test_valid_taps_against_a_direct_count():
+    for size, k, s, d, lo in [(28, 5, 1, 1, 2), (7, 3, 2, 2, 3), (9, 4, 3, 1, 0), (5, 3, 1, 3, 4)]:
+        hi = lo
+        out = (size + lo + hi - (k + (k - 1) * (d - 1))) // s + 1
+        padded = [0] * lo + [1] * size + [0] * hi
+        direct = sum(padded[o * s + t * d] for o in range(out) for t in range(k))
+        assert F.valid_taps(size, k, s, d, lo, out) == direct
+
+
 def test_summary_matches_real_forward_shapes():
     import jax.numpy as jnp
-    for name in ("mnist1d_cnn", "seed_cnn", "convnetjs_cifar", "cifar_vgg"):
+    for name in ("mnist1d_cnn", "seed_cnn", "convnetjs_cifar", "cifar_vgg", "resnet20", "unet_small"):
         model = create_model(name)
         x = jnp.zeros((2, *model.input_shape), jnp.float32)
-        for layer, row in zip(model.layers, summary(model).rows):
+        top = [row for row in summary(model).rows if row.depth == 0]
+        assert len(top) == len(model.layers)
+        for layer, row in zip(model.layers, top):
             x = layer(x)
-            assert x.shape[1:] == row[1], (name, row)
+            assert x.shape[1:] == row.output_shape, (name, row)
+
+
+def test_residual_summary_nests_and_counts_what_a_user_block_holds():
+    # The issue's example: a conv then a residual block of two 3x3 convs. The block's receptive field
+    # is 7x7 (3 + 2 + 2) and its FLOPs are both convs plus the add, not 0.
+    from flax import nnx
+    from jaxconv import layers as L
+    rngs = nnx.Rngs(0)
+    body = L.Sequential([L.Conv(8, 8, (3, 3), padding=1, rngs=rngs), L.ReLU(), L.Conv(8, 8, (3, 3), padding=1, rngs=rngs)])
+    model = L.Sequential([L.Conv(3, 8, (3, 3), padding=1, rngs=rngs), L.Residual(body)], input_shape=(16, 16, 3))
+    s = summary(model)
+    assert [(r.depth, r.label, r.layer) for r in s.rows] == [
+        (0, "0", "Conv"), (0, "1", "Residual"), (1, "body", "Sequential"), (2, "0", "Conv"), (2, "1", "ReLU"),
+        (2, "2", "Conv"), (1, "shortcut", "Identity")]
+    assert s.rows[1].receptive_field == (7, 7)
+    assert s.rows[-1].receptive_field == (3, 3)  # the identity shortcut sees what the block's input sees
+    conv_taps = (2 + 14 * 3 + 2) ** 2  # 3 taps on 16 inputs padded by 1: the two edge outputs see 2
+    conv = 2 * conv_taps * 8 * 8 + 16 * 16 * 8
+    assert s.rows[1].flops == 2 * conv + 16 * 16 * 8 + 16 * 16 * 8  # two convs, the ReLU, the add
+    assert s.total_flops == s.rows[0].flops + s.rows[1].flops
+    assert receptive_field(model) == (7, 7)
+    assert "  body: Sequential" in str(s) and "    2: Conv" in str(s)
+    assert [r.layer for r in summary(model, depth=0).rows] == ["Conv", "Residual"]
+
+
+def test_receptive_field_of_resnet20_and_unet():
+    # resnet20: stem 3, then 9 blocks of two 3x3 convs; jumps 1, 2, 4 per stage:
+    # 3 + 3*2*2*1 + (2*1 + 2*2) + 2*2*2*2 + (2*2 + 2*4) + 2*2*2*4 = 81
+    assert receptive_field(create_model("resnet20")) == (81, 81)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_summary_flops_agree_with_xla_cost_analysis(name):
+    """An independent count: XLA's HLO cost analysis of the jitted forward (batch 1, eval mode). Both
+    count a multiply-add as 2 and skip the taps that land on padding; XLA also counts a few
+    elementwise operations differently (a max pool's compare-and-select chain, BatchNorm's affine)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    model = create_model(name)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+    xla = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).cost_analysis()["flops"]
+    ours = summary(model).total_flops
+    assert abs(xla - ours) / ours < 0.03, (name, ours, xla)
+
+
+def test_a_layer_that_cannot_count_is_an_error_not_zero():
+    from flax import nnx
+    from jaxconv import layers as L
+
+    class Mystery(L.Pointwise):
+        def flops(self, in_shape):
+            return super(L.Pointwise, self).flops(in_shape)
+
+    model = L.Sequential([L.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0)), Mystery()], input_shape=(8, 8, 1))
+    with pytest.raises(NotImplementedError, match="Mystery does not implement `flops"):
+        summary(model)
