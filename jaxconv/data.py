@@ -34,6 +34,14 @@ class DatasetInfo:
     mean: tuple  # per channel, of pixel / 255 (or of the raw values for float data)
     std: tuple
     search: tuple = ()  # extra folders searched by "auto" besides --data-dir and the cache
+    base: str | None = None  # a dataset derived from another one's files (its labels made by `derive`)
+    per_pixel: bool = False  # labels [N, *spatial]: one class per position
+
+
+def segment_digits(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-pixel labels for digit images: 0 where a pixel is background (< 128), else 1 + the digit.
+    ``[N, H, W, 1]`` uint8 and ``[N]`` -> ``[N, H, W]`` int32: semantic segmentation with 11 classes."""
+    return np.where(images[..., 0] >= 128, labels[:, None, None] + 1, 0).astype(np.int32)
 
 
 DATASETS = {
@@ -41,6 +49,8 @@ DATASETS = {
     "fashion_mnist": DatasetInfo((28, 28, 1), 10, (0.2860,), (0.3530,), ("/usr/share/datasets/fashion-mnist",)),
     "cifar10": DatasetInfo((32, 32, 3), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "mnist1d": DatasetInfo((40, 1), 10, (0.0,), (1.0,)),
+    # MNIST's files, each pixel labelled background or its digit (segment_digits)
+    "mnist_seg": DatasetInfo((28, 28, 1), 11, (0.1307,), (0.3081,), base="mnist", per_pixel=True),
 }
 SOURCES = ("auto", "raw", "tfds", "generate")
 
@@ -318,6 +328,11 @@ def load_dataset(name: str, *, data_dir: str | None = None, source: str = "auto"
         raise ValueError(f"load_dataset: unknown source {source!r}; expected one of {', '.join(SOURCES)}")
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DataError(f"load_dataset: --data-dir {data_dir} does not exist or is not a folder")
+    base = DATASETS[name].base
+    if base is not None:
+        data = load_dataset(base, data_dir=data_dir, source=source)
+        splits = [Split(s.images, segment_digits(s.images, s.labels)) for s in (data.train, data.test)]
+        return Dataset(name, *splits, f"{data.source}, each pixel labelled background or 1 + its digit")
     if name == "mnist1d":
         if source not in ("auto", "generate"):
             raise ValueError(f"load_dataset: mnist1d is generated locally; source {source!r} does not apply")

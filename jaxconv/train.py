@@ -64,6 +64,8 @@ RECIPES: dict[str, dict[str, Any]] = {
                   warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=2, flip=False),
     "fashion_mnist": dict(model="seed_cnn", epochs=15, batch_size=128, optimizer="adam", lr=2e-3, schedule="onecycle",
                           warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=0, flip=True),
+    "mnist_seg": dict(model="unet_small", epochs=4, batch_size=64, optimizer="adam", lr=3e-3, schedule="onecycle",
+                      warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=0, flip=False),
     "cifar10": dict(model="convnetjs_cifar", epochs=70, batch_size=128, optimizer="adam", lr=4e-3, schedule="onecycle",
                     warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=2, flip=True),
 }
@@ -103,6 +105,15 @@ def resolve(config: TrainConfig) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    per_pixel = DATASETS[filled.dataset].per_pixel
+    if MODELS[filled.model].dense != per_pixel:
+        kinds = [d for d in DATASETS if DATASETS[d].per_pixel == MODELS[filled.model].dense]
+        raise ValueError(f"{filled.model} predicts {'a class per position' if MODELS[filled.model].dense else 'one class per example'}"
+                         f" and {filled.dataset} labels {'every pixel' if per_pixel else 'whole examples'}; "
+                         f"datasets for it: {', '.join(kinds)}")
+    if per_pixel and (filled.crop or filled.flip):
+        raise ValueError(f"--crop and --flip move pixels away from their per-pixel labels; {filled.dataset} takes "
+                         f"--crop 0 --no-flip")
     if filled.out is None:
         filled.out = os.path.join("runs", f"{filled.dataset}_{filled.model}_s{filled.seed}")
     return filled
@@ -182,15 +193,17 @@ def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = state.replace(params=optax.apply_updates(state.params, updates), model_state=model_state,
                             opt_state=opt_state, step=state.step + 1)
-        return new, {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == y)}
+        return new, {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == y) / math.prod(y.shape[1:])}
 
     def eval_step(state: TrainState, images, labels, idx, mask):
         model = nnx.merge(graphdef_eval, state.params, state.model_state)
         logits = model(normalise(images[idx], mean, std)).astype(real)
         y = labels[idx]
+        mask_y = mask.reshape(mask.shape + (1,) * (y.ndim - 1))  # per-position labels: mask every position
+        positions = math.prod(y.shape[1:])
         losses = F.cross_entropy(logits, y, reduction="none")
         pred = jnp.argmax(logits, -1)
-        return jnp.sum(losses * mask), jnp.sum((pred == y) * mask), pred
+        return jnp.sum(losses * mask_y) / positions, jnp.sum((pred == y) * mask_y) / positions, pred
 
     return compiler.jit(train_step, donate_argnums=0), compiler.jit(eval_step)
 

@@ -158,3 +158,37 @@ def test_bfloat16_compute_trains(tmp_path):
     data = subset(load_dataset("mnist1d"), 1000, 200)
     history = fit(TrainConfig(epochs=10, dtype="bfloat16", out=str(tmp_path)), dataset=data, log=quiet)
     losses_fall(history)
+
+
+@needs_mnist
+def test_per_pixel_training_and_its_accuracy_over_a_padded_last_batch(tmp_path):
+    """unet_small on mnist_seg (each pixel: background or 1 + its digit). The reported test accuracy must
+    be the share of correct pixels, counted here from the saved model's predictions with NumPy, over
+    an evaluation whose last batch is padded (130 test images in batches of 50)."""
+    import jax
+    from flax import nnx
+    from jaxconv.data import segment_digits
+    from jaxconv.train import _checkpointer, evaluate, restore_checkpoint
+    data = subset(load_dataset("mnist_seg", data_dir=MNIST_DIR), 512, 130)
+    np.testing.assert_array_equal(data.train.labels[0] > 0, data.train.images[0, ..., 0] >= 128)
+    assert set(np.unique(data.train.labels)) <= set(range(11))
+    config = TrainConfig(dataset="mnist_seg", epochs=2, eval_batch_size=50, out=str(tmp_path))
+    history = fit(config, dataset=data, log=quiet)
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    config = resolve(config)
+    state, g_train, g_eval, tx = init_state(config, (28, 28, 1), 11, 1)
+    state, _ = restore_checkpoint(_checkpointer(str(tmp_path)), state)
+    model = nnx.merge(g_eval, state.params, state.model_state)
+    x = (data.test.images.astype(np.float32) / 255 - 0.1307) / 0.3081
+    pred = np.argmax(np.asarray(model(jnp.asarray(x))), -1)
+    assert pred.shape == (130, 28, 28)
+    assert history[-1]["test_accuracy"] == pytest.approx(np.mean(pred == data.test.labels), abs=1e-6)
+    matrix = np.array([json.loads(l) for l in open(tmp_path / "metrics.jsonl")][-1]["confusion_matrix"])
+    assert matrix.shape == (11, 11) and matrix.sum() == 130 * 28 * 28
+    with pytest.raises(ValueError, match="--crop and --flip move pixels away from their per-pixel labels"):
+        resolve(TrainConfig(dataset="mnist_seg", crop=2))
+    with pytest.raises(ValueError, match="unet_small predicts a class per position and mnist labels whole examples; "
+                                         "datasets for it: mnist_seg"):
+        resolve(TrainConfig(dataset="mnist", model="unet_small"))
+    with pytest.raises(ValueError, match="lenet5 predicts one class per example and mnist_seg labels every pixel"):
+        resolve(TrainConfig(dataset="mnist_seg", model="lenet5"))
