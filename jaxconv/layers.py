@@ -390,6 +390,7 @@ class Upsample(Layer):
     def __init__(self, scale, *, method: str = "nearest", grad: str = "auto"):
         if method not in ("nearest", "bilinear"):
             raise ValueError(f"Upsample: `method` must be 'nearest' or 'bilinear', got {method!r}")
+        F.int_tuple(scale, 1 if isinstance(scale, int) else len(scale), fn="Upsample", name="scale")
         self.scale, self.method, self.grad = scale, method, grad
 
     def _scale(self, in_shape):
@@ -440,6 +441,8 @@ class _Affine(Pointwise):
     flops_per_element = 2
 
     def __init__(self, num_features: int, *, epsilon: float, param_dtype, dtype, grad):
+        if not epsilon > 0:
+            raise ValueError(f"{type(self).__name__}: `epsilon` must be > 0, got {epsilon}")
         super().__init__(grad=grad)
         self.epsilon, self.dtype = epsilon, dtype
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
@@ -460,6 +463,8 @@ class BatchNorm(_Affine):
     def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
                  use_running_average: bool = False, param_dtype=jnp.float32, dtype=None, grad: str = "auto",
                  rngs: nnx.Rngs | None = None):
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"BatchNorm: `momentum` must be in [0, 1] (the running statistics' decay), got {momentum}")
         super().__init__(num_features, epsilon=epsilon, param_dtype=param_dtype, dtype=dtype, grad=grad)
         self.momentum, self.use_running_average = momentum, use_running_average
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))

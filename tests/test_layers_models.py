@@ -78,6 +78,14 @@ def test_bad_layer_arguments():
         L.GroupNorm(8, 3)
     with pytest.raises(ValueError, match="Upsample: `method` must be 'nearest' or 'bilinear', got 'cubic'"):
         L.Upsample(2, method="cubic")
+    with pytest.raises(ValueError, match="Upsample: `scale` must be >= 1 on every axis, got \\(2, 0\\)"):
+        L.Upsample((2, 0))
+    with pytest.raises(ValueError, match="BatchNorm: `momentum` must be in \\[0, 1\\]"):
+        L.BatchNorm(4, momentum=1.5)
+    with pytest.raises(ValueError, match="LayerNorm: `epsilon` must be > 0, got 0"):
+        L.LayerNorm(4, epsilon=0)
+    with pytest.raises(ValueError, match="ConvTranspose: `output_padding` must be >= 0"):
+        L.ConvTranspose(4, 4, (2, 2), output_padding=-1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="Dropout: `drop_rate` must be in \\[0, 1\\), got 1.0"):
         L.Dropout(1.0, rngs=nnx.Rngs(0))
 
