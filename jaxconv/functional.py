@@ -170,17 +170,24 @@ def conv_dimension_numbers(n_spatial: int) -> tuple[str, str, str]:
     return f"N{s}C", f"{s}IO", f"N{s}C"
 
 
-def conv_geometry(x, w, *, fn, stride, padding, dilation, groups):
-    """Validate a conv call; return ``(stride, pads, dilation)`` as per-axis tuples."""
+def _check_conv_arrays(x, w, groups, *, fn) -> int:
+    """x ``[N, *spatial, C_in]`` and w of rank spatial + 2, both floating; ``groups`` divides C_in.
+    Returns the number of spatial axes."""
     n = _spatial_rank(x, fn=fn)
     _check_array(w, fn=fn, name="w", rank=n + 2)
     _check_float(x, fn=fn, name="x")
     _check_float(w, fn=fn, name="w")
     if not _is_int(groups) or groups < 1:
         raise ValueError(f"{fn}: `groups` must be a positive int, got {groups!r}")
+    if x.shape[-1] % groups:
+        raise ValueError(f"{fn}: `x.shape[-1]` (C_in={x.shape[-1]}) must be divisible by `groups` (={groups})")
+    return n
+
+
+def conv_geometry(x, w, *, fn, stride, padding, dilation, groups):
+    """Validate a conv call; return ``(stride, pads, dilation)`` as per-axis tuples."""
+    n = _check_conv_arrays(x, w, groups, fn=fn)
     c_in, c_out = x.shape[-1], w.shape[-1]
-    if c_in % groups:
-        raise ValueError(f"{fn}: `x.shape[-1]` (C_in={c_in}) must be divisible by `groups` (={groups})")
     if c_out % groups:
         raise ValueError(f"{fn}: `w.shape[-1]` (C_out={c_out}) must be divisible by `groups` (={groups})")
     if c_in != w.shape[-2] * groups:
@@ -238,15 +245,8 @@ def conv_transpose_geometry(x, w, *, fn, stride, padding, output_padding, dilati
     ``pads`` are what is cropped from each side of the full output; for ``"SAME"`` the high side may
     be negative (the output grows), so that the output is always ``W * S``.
     """
-    n = _spatial_rank(x, fn=fn)
-    _check_array(w, fn=fn, name="w", rank=n + 2)
-    _check_float(x, fn=fn, name="x")
-    _check_float(w, fn=fn, name="w")
-    if not _is_int(groups) or groups < 1:
-        raise ValueError(f"{fn}: `groups` must be a positive int, got {groups!r}")
+    n = _check_conv_arrays(x, w, groups, fn=fn)
     c_in = x.shape[-1]
-    if c_in % groups:
-        raise ValueError(f"{fn}: `x.shape[-1]` (C_in={c_in}) must be divisible by `groups` (={groups})")
     if w.shape[-2] != c_in:
         raise ValueError(f"{fn}: `w.shape[-2]` (={w.shape[-2]}) must equal `x.shape[-1]` (C_in={c_in}); "
                          f"w is [*kernel, C_in, C_out // groups], PyTorch's weight with its spatial axes first")

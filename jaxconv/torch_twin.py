@@ -202,20 +202,25 @@ def _prefixed(jax_prefix, torch_prefix, names):
             for j, t, a, b in names]
 
 
-@converts(L.Sequential)
-def _sequential(layer, in_shape):
+def _convert_list(layer, in_shape, attr: str):
+    """The children of a composite held in the list ``attr``, converted: ``(nn.ModuleList, names)``."""
     torch, nn = _nn()
     mods, names = [], []
     for label, child, shape, _ in layer.children(in_shape):
         module, child_names = _convert(child, shape)
         mods.append(module)
-        names += _prefixed(("layers", int(label)), f"layers.{label}", child_names)
+        names += _prefixed((attr, int(label)), f"{attr}.{label}", child_names)
+    return nn.ModuleList(mods), names
 
+
+@converts(L.Sequential)
+def _sequential(layer, in_shape):
     def forward(self, x):
         for m in self.layers:
             x = m(x)
         return x
-    return _module(forward, layers=nn.ModuleList(mods)), names
+    layers, names = _convert_list(layer, in_shape, "layers")
+    return _module(forward, layers=layers), names
 
 
 @converts(L.Residual)
@@ -228,14 +233,9 @@ def _residual(layer, in_shape):
 
 @converts(L.Concat)
 def _concat(layer, in_shape):
-    torch, nn = _nn()
-    mods, names = [], []
-    for label, child, shape, _ in layer.children(in_shape):
-        module, child_names = _convert(child, shape)
-        mods.append(module)
-        names += _prefixed(("branches", int(label)), f"branches.{label}", child_names)
-    forward = lambda self, x: torch.cat([b(x) for b in self.branches], dim=1)
-    return _module(forward, branches=nn.ModuleList(mods)), names
+    torch, _ = _nn()
+    branches, names = _convert_list(layer, in_shape, "branches")
+    return _module(lambda self, x: torch.cat([b(x) for b in self.branches], dim=1), branches=branches), names
 
 
 def _variable(model, path):

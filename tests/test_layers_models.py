@@ -100,7 +100,7 @@ def test_parameter_counts(name, params):
 
 def test_every_model_runs_in_both_grad_modes():
     for name in MODELS:
-        if MODELS[name].input_shape[0] > 32:
+        if MODELS[name].input_shape == (224, 224, 3):
             continue  # the ImageNet ResNets: their twins and FLOP tests run them
         auto, manual = create_model(name, seed=3), create_model(name, seed=3, grad="manual")
         x = jax.random.normal(jax.random.key(0), (2, *auto.input_shape))
