@@ -64,7 +64,7 @@ def curves(epochs: int):
     jax.config.update("jax_enable_x64", False)
     data = load_dataset("mnist1d")
     histories = {g: fit(TrainConfig(grad=g, epochs=epochs, out=os.path.join(OUT, f"mnist1d_{g}")), dataset=data,
-                        log=lambda *a: None) for g in ("auto", "manual")}
+                        overwrite=True, log=lambda *a: None) for g in ("auto", "manual")}
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -32,7 +32,8 @@ def main():
         finals = []
         for seed in range(args.seeds):
             history = fit(TrainConfig(model=model, seed=seed, epochs=args.epochs, crop=args.crop,
-                                      out=os.path.join(OUT, f"{model}_s{seed}")), dataset=data, log=lambda *a: None)
+                                      out=os.path.join(OUT, f"{model}_s{seed}")), dataset=data, log=lambda *a: None,
+                          overwrite=True)
             curves.setdefault(model, []).append([h["test_accuracy"] for h in history])
             finals.append(history[-1]["test_accuracy"])
             print(f"{model} seed {seed}: test accuracy {finals[-1]:.4f}", flush=True)

@@ -42,7 +42,7 @@ def main():
         dataset, model, target = RUNS[name]
         start = time.perf_counter()
         history = fit(TrainConfig(dataset=dataset, model=model, seed=args.seed, data_dir=data_dirs.get(dataset),
-                                  out=os.path.join(out, f"target_{name}")))
+                                  out=os.path.join(out, f"target_{name}")), overwrite=True)  # a re-run replaces its own
         total = time.perf_counter() - start
         reached = next((h for h in history if h["test_accuracy"] >= target), None)
         row = (f"| {name} | {history[-1]['test_accuracy']:.4f} | {max(h['test_accuracy'] for h in history):.4f} | "

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder (default runs/DATASET_MODEL_sSEED)")
     train.add_argument("--eval-batch-size", type=_positive_int, default=1000)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out (removed only after the new run is validated)")
 
     ev = sub.add_parser("eval", help="evaluate the last checkpoint of a run on its test set")
     ev.add_argument("--out", required=True, help="the run folder")
@@ -89,7 +91,7 @@ def _train(args) -> int:
     else:
         config = TrainConfig(**given)
     try:
-        fit(config, resume=args.resume)
+        fit(config, resume=args.resume, overwrite=args.overwrite)
     except TrainingDiverged as err:
         print(f"jaxconv train: {err}", file=sys.stderr)
         return 1

@@ -305,22 +305,35 @@ def init_state(config: TrainConfig, input_shape, num_classes: int, steps_per_epo
     return state, graphdef_train, graphdef_eval, tx
 
 
-def fit(config: TrainConfig, *, resume: bool = False, dataset: Dataset | None = None, log=print):
-    """Train ``config`` (see :class:`TrainConfig`); returns the list of per-epoch metric dicts."""
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "curves.png")
+
+
+def write_atomically(path: str, text: str):
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old or the new."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, dataset: Dataset | None = None,
+        log=print):
+    """Train ``config`` (see :class:`TrainConfig`); returns the list of per-epoch metric dicts.
+
+    A folder that already holds a run is never touched unless asked: ``resume`` continues it;
+    ``overwrite`` replaces it, and only once the new run's config, data and model have been built.
+    """
     config = resolve(config)
     out = config.out
-    os.makedirs(out, exist_ok=True)
     config_path = os.path.join(out, "config.json")
-    if resume:
-        if not os.path.exists(config_path):
-            raise ValueError(f"--resume: {out} holds no run to resume (no config.json)")
-    else:
-        for stale in ("checkpoints", "metrics.jsonl"):
-            path = os.path.join(out, stale)
-            if os.path.exists(path):
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    with open(config_path, "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=1)
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if resume and not os.path.exists(config_path):
+        raise ValueError(f"--resume: {out} holds no run to resume (no config.json)")
+    if existing and not resume and not overwrite:
+        raise ValueError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+                         f"or --overwrite to replace it")
 
     data = dataset or load_dataset(config.dataset, data_dir=config.data_dir, source=config.source)
     info = DATASETS[config.dataset]
@@ -328,6 +341,12 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: Dataset | None = 
     batch = min(config.batch_size, n_train)
     steps = n_train // batch  # the last partial batch is dropped: one compiled shape
     state, graphdef_train, graphdef_eval, tx = init_state(config, data.train.images.shape[1:], info.num_classes, steps)
+    if overwrite:  # everything above is validated: now the old run may go
+        for name in existing:
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(out, exist_ok=True)
+    write_atomically(config_path, json.dumps(dataclasses.asdict(config), indent=1))
     train_step, eval_step = make_steps(graphdef_train, graphdef_eval, tx, config, info)
     train_x, train_y = jax.device_put(data.train.images), jax.device_put(data.train.labels)
     test_x, test_y = jax.device_put(data.test.images), jax.device_put(data.test.labels)

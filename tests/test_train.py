@@ -192,3 +192,26 @@ def test_per_pixel_training_and_its_accuracy_over_a_padded_last_batch(tmp_path):
         resolve(TrainConfig(dataset="mnist", model="unet_small"))
     with pytest.raises(ValueError, match="lenet5 predicts one class per example and mnist_seg labels every pixel"):
         resolve(TrainConfig(dataset="mnist_seg", model="lenet5"))
+
+
+def test_a_run_folder_is_never_replaced_without_consent(tmp_path):
+    """A second run into a folder holding a run refuses and touches nothing; --overwrite replaces it, but
+    only after the new run is validated (a bad model leaves the old run whole)."""
+    data = subset(load_dataset("mnist1d"), 200, 100)
+    out = str(tmp_path / "run")
+    fit(TrainConfig(epochs=1, out=out), dataset=data, log=quiet)
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
+    ckpts = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    with pytest.raises(ValueError, match=r"already holds a run \(config.json, metrics.jsonl, checkpoints, curves.png\); "
+                                         r"pass --resume to continue it, or --overwrite to replace it"):
+        fit(TrainConfig(epochs=2, out=out), dataset=data, log=quiet)
+    with pytest.raises(ValueError, match="create_model: lenet5 takes 2-D inputs"):
+        fit(TrainConfig(epochs=2, model="lenet5", out=out), dataset=data, log=quiet, overwrite=True)
+    with pytest.raises(ValueError, match="give one of them"):
+        fit(TrainConfig(epochs=2, out=out), dataset=data, log=quiet, overwrite=True, resume=True)
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ckpts
+    history = fit(TrainConfig(epochs=2, seed=3, out=out), dataset=data, log=quiet, overwrite=True)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert json.load(open(tmp_path / "run" / "config.json"))["seed"] == 3
+    assert not (tmp_path / "run" / "config.json.tmp").exists()
