@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     summ = sub.add_parser("summary", help="print a model's layer table")
     summ.add_argument("--model", required=True, choices=list(MODELS))
     summ.add_argument("--dataset", choices=list(DATASETS), help="build the model for this dataset's input shape")
+    summ.add_argument("--depth", type=int, help="nesting levels to show (0: the model's own layers; default: all)")
 
     gc = sub.add_parser("gradcheck", help="manual vs autodiff vs finite-difference gradients, per layer")
     gc.add_argument("--model", required=True, choices=list(MODELS))
@@ -130,7 +131,7 @@ def _summary(args) -> int:
     from jaxconv.shapes import summary
 
     shape = DATASETS[args.dataset].input_shape if args.dataset else None
-    print(summary(create_model(args.model, input_shape=shape)))
+    print(summary(create_model(args.model, input_shape=shape), depth=args.depth))
     return 0
 
 

@@ -61,6 +61,10 @@ def test_summary_prints_the_table(capsys):
     assert "total params: 61,706" in out and "receptive field" in out
     assert main(["summary", "--model", "seed_cnn", "--dataset", "cifar10"]) == 0
     assert "input (32, 32, 3)" in capsys.readouterr().out
+    assert main(["summary", "--model", "resnet20", "--depth", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3: Residual" in out and "  body: Sequential" in out and "    0: Conv" not in out
+    assert "total params: 272,474" in out
 
 
 def test_gradcheck_passes_and_reports_the_ratio():
