@@ -95,9 +95,11 @@ class Layer(nnx.Module):
         return tuple(None if a is None else a.astype(self.dtype) for a in arrays)
 
     def _args(self, x):
-        spec = self.spec(self.cast(x)[0])
+        """The declaration for ``x`` and the op's positional arguments, all in the compute dtype."""
+        (x,) = self.cast(x)
+        spec = self.spec(x)
         params = dict(zip(spec.params, self.cast(*spec.params.values())))
-        return spec, (self.cast(x)[0], *params.values(), *spec.extras), params
+        return spec, (x, *params.values(), *spec.extras), params
 
     # ---- derived from the declaration
     def __call__(self, x):
