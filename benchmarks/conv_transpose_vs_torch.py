@@ -6,8 +6,9 @@ forward+backward time against ``torch.nn.functional.conv_transpose2d``, side by 
 
 The default layer is a U-Net decoder step (14x14x64 -> 28x28x32, 2x2 kernel, stride 2). JAX runs
 jaxconv's ``conv_transpose`` (the zero-spread ``lhs_dilation`` form), its hand-written backward
-(``grads.conv_transpose_vjp``, one conv and one weight-gradient conv) and autodiff's; PyTorch runs
-NCHW and channels_last. Rounds alternate between contenders (``gradcheck.alternating_medians``).
+(``grads.conv_transpose_vjp``, one conv and one weight-gradient conv), ``jax.vjp`` of it (which
+runs the same rule, its ``custom_vjp``), and the weight gradient that autodiff would take without
+that rule; PyTorch runs NCHW and channels_last. Rounds alternate between contenders (``gradcheck.alternating_medians``).
 """
 import argparse
 import os
@@ -70,10 +71,20 @@ def jax_pieces(args):
         y, vjp = jax.vjp(lambda x, w: F.conv_transpose(x, w, **opts), x, w)
         return y, vjp(g)
 
+    # The weight gradient two ways: conv_transpose's own custom_vjp, and JAX autodiff of the same
+    # lhs_dilation convolution without it (a conv with lhs_dilation = S, which XLA:CPU runs slowly).
+    plain = lambda x, w: F.spread_conv(x, F.transpose_kernel(w, 1), stride=(args.stride,) * 2,
+                                       pads=((args.padding, args.padding),) * 2,
+                                       output_padding=(args.output_padding,) * 2, dilation=(1, 1), groups=1)
+    dw_rule = compiler.jit(lambda x, w, g: jax.vjp(lambda w: F.conv_transpose(x, w, **opts), w)[1](g)[0])
+    dw_plain = compiler.jit(lambda x, w, g: jax.vjp(lambda w: plain(x, w), w)[1](g)[0])
+
     block = lambda f: (lambda: jax.block_until_ready(f()))
     return {"jaxconv forward": block(lambda: fwd(x, w)),
             "jaxconv fwd+bwd (hand-written)": block(lambda: manual(x, w, g)),
-            "jaxconv fwd+bwd (autodiff)": block(lambda: auto(x, w, g))}
+            "jaxconv fwd+bwd (autodiff)": block(lambda: auto(x, w, g)),
+            "jaxconv weight grad": block(lambda: dw_rule(x, w, g)),
+            "weight grad, autodiff w/o the rule": block(lambda: dw_plain(x, w, g))}
 
 
 def torch_pieces(args, channels_last):
