@@ -20,7 +20,7 @@ import numpy as np
 from jaxconv import compiler
 from jaxconv import functional as F
 from jaxconv import grads as G
-from jaxconv.gradcheck import alternating_medians, rel_error
+from jaxconv.gradcheck import alternating_medians, rel_error, torch_conv_transpose_case
 
 
 def agreement(cases: int, seed: int = 0):
@@ -30,15 +30,8 @@ def agreement(cases: int, seed: int = 0):
     worst_fwd = worst_bwd = 0.0
     for trial in range(cases):
         n = 1 + trial % 2
-        groups = int(rng.choice([1, 2, 3]))
-        c_in, c_out = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3))
-        k, s, d = (tuple(int(v) for v in rng.integers(1, 4, n)) for _ in range(3))
-        op = tuple(int(rng.integers(0, max(si, di))) for si, di in zip(s, d))
-        pad = tuple(int(rng.integers(0, (di * (ki - 1)) // 2 + 1)) for ki, di in zip(k, d))
-        x = rng.normal(size=(2, *rng.integers(2, 7, n), c_in))
-        w = rng.normal(size=(*k, c_in, c_out // groups))
-        b = rng.normal(size=c_out)
-        opts = dict(stride=s, padding=pad, output_padding=op, dilation=d, groups=groups)
+        x, w, b, opts = torch_conv_transpose_case(rng, n, max_size=7)
+        s, pad, op, d, groups = (opts[k] for k in ("stride", "padding", "output_padding", "dilation", "groups"))
         y = F.conv_transpose(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), **opts)
         xt = torch.tensor(np.moveaxis(x, -1, 1), requires_grad=True)
         wt = torch.tensor(np.ascontiguousarray(np.moveaxis(w, (-2, -1), (0, 1))), requires_grad=True)

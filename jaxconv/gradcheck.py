@@ -80,6 +80,19 @@ def _conv_transpose_case(rng, n_sp, dtype):
                                              dilation=dilation, groups=groups)
 
 
+def torch_conv_transpose_case(rng, n_sp, *, max_size: int = 6):
+    """A random ``conv_transpose`` call PyTorch can express too (symmetric int padding, at most what
+    its ``dilation * (K - 1)`` allows): ``(x, w, b, options)`` as NumPy float64, w in jaxconv's layout."""
+    groups = int(rng.choice([1, 2, 3]))
+    c_in, c_out = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3))
+    k, s, d = (_ints(rng, 1, 4, n_sp) for _ in range(3))
+    op = tuple(int(rng.integers(0, max(si, di))) for si, di in zip(s, d))
+    pad = tuple(int(rng.integers(0, (di * (ki - 1)) // 2 + 1)) for ki, di in zip(k, d))
+    x = rng.normal(size=(2, *rng.integers(2, max_size, n_sp), c_in))
+    w = rng.normal(size=(*k, c_in, c_out // groups))
+    return x, w, rng.normal(size=c_out), dict(stride=s, padding=pad, output_padding=op, dilation=d, groups=groups)
+
+
 def _pool_case(rng, n_sp, dtype, forward):
     window, stride = _ints(rng, 1, 4, n_sp), _ints(rng, 1, 4, n_sp)
     x = rng.normal(size=(2, *_ints(rng, 6, 10, n_sp), 3)).astype(dtype)

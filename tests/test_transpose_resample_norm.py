@@ -10,6 +10,7 @@ import pytest
 
 from jaxconv import functional as F
 from jaxconv import grads as G
+from jaxconv import gradcheck as GC
 from jaxconv.gradcheck import rel_error
 
 
@@ -32,15 +33,7 @@ def conv_transpose_loop(x, w, b, stride, pads, output_padding, dilation, groups)
     return y if b is None else y + b
 
 
-def random_transpose_case(rng, n_sp):
-    groups = int(rng.choice([1, 2, 3]))
-    c_in, c_out = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3))
-    k, s, d = (tuple(int(v) for v in rng.integers(1, 4, n_sp)) for _ in range(3))
-    op = tuple(int(rng.integers(0, max(si, di))) for si, di in zip(s, d))
-    pad = tuple(int(rng.integers(0, (di * (ki - 1)) // 2 + 1)) for ki, di in zip(k, d))
-    x = rng.normal(size=(2, *rng.integers(2, 6, n_sp), c_in))
-    w = rng.normal(size=(*k, c_in, c_out // groups))
-    return x, w, rng.normal(size=c_out), dict(stride=s, padding=pad, output_padding=op, dilation=d, groups=groups)
+random_transpose_case = GC.torch_conv_transpose_case
 
 
 @pytest.mark.parametrize("n_sp", [1, 2])
