@@ -263,13 +263,17 @@ class ConvTranspose(Conv):
                                        "bias": None if self.bias is None else self.bias[...]},
                     options=self._options())
 
-    def output_shape(self, in_shape):
+    def resolved_padding(self, in_shape):
+        """Per axis ``(lo, hi)`` cropped from the output (``"SAME"`` resolved) for one example's shape."""
         _check_rank("ConvTranspose", in_shape, len(self.kernel_size))
         probe = jax.ShapeDtypeStruct((1, *in_shape), jnp.float32)
         w = jax.ShapeDtypeStruct(self.kernel.shape, jnp.float32)
-        _, pads, op, dilation = F.conv_transpose_geometry(probe, w, fn="ConvTranspose", **self._options())
-        return (*F.transpose_output_spatial(in_shape[:-1], pads, self.kernel_size, self.stride, dilation, op),
-                self.kernel.shape[-1] * self.groups)
+        return F.conv_transpose_geometry(probe, w, fn="ConvTranspose", **self._options())[1]
+
+    def output_shape(self, in_shape):
+        pads = self.resolved_padding(in_shape)
+        return (*F.transpose_output_spatial(in_shape[:-1], pads, self.kernel_size, self.stride, self.dilation,
+                                            self.output_padding), self.kernel.shape[-1] * self.groups)
 
     def window(self, in_shape):
         # one output reads at most ceil(M / S) consecutive inputs; input steps are 1/S output steps

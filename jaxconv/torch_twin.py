@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxconv import functional as F
 from jaxconv import layers as L
 
 _CONVERTERS = {}
@@ -100,13 +99,11 @@ def _conv_transpose(layer, in_shape):
     torch, nn = _nn()
     n = len(layer.kernel_size)
     c_in, c_out = layer.kernel.shape[-2], layer.kernel.shape[-1] * layer.groups
-    probe = np.zeros((1, *in_shape), np.float32)
-    _, pads, out_pad, _ = F.conv_transpose_geometry(probe, np.zeros(layer.kernel.shape, np.float32),
-                                                    fn="torch_twin", **layer._options())
+    pads = layer.resolved_padding(in_shape)
     if any(lo != hi for lo, hi in pads):
         raise ValueError(f"torch_twin: PyTorch's ConvTranspose crops both sides alike; got padding {pads}")
     module = getattr(nn, f"ConvTranspose{n}d")(c_in, c_out, layer.kernel_size, stride=layer.stride,
-                                               padding=tuple(lo for lo, _ in pads), output_padding=out_pad,
+                                               padding=tuple(lo for lo, _ in pads), output_padding=layer.output_padding,
                                                groups=layer.groups, bias=layer.bias is not None,
                                                dilation=layer.dilation)
     to = lambda w: np.moveaxis(w, (-2, -1), (0, 1))
