@@ -19,6 +19,7 @@ import os
 import pickle
 import tarfile
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -34,7 +35,8 @@ class DatasetInfo:
     mean: tuple  # per channel, of pixel / 255 (or of the raw values for float data)
     std: tuple
     search: tuple = ()  # extra folders searched by "auto" besides --data-dir and the cache
-    base: str | None = None  # a dataset derived from another one's files (its labels made by `derive`)
+    base: str | None = None  # a dataset read from another one's files, its labels `derive(images, labels)`
+    derive: Callable | None = None
     per_pixel: bool = False  # labels [N, *spatial]: one class per position
 
 
@@ -50,7 +52,8 @@ DATASETS = {
     "cifar10": DatasetInfo((32, 32, 3), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "mnist1d": DatasetInfo((40, 1), 10, (0.0,), (1.0,)),
     # MNIST's files, each pixel labelled background or its digit (segment_digits)
-    "mnist_seg": DatasetInfo((28, 28, 1), 11, (0.1307,), (0.3081,), base="mnist", per_pixel=True),
+    "mnist_seg": DatasetInfo((28, 28, 1), 11, (0.1307,), (0.3081,), base="mnist", derive=segment_digits,
+                             per_pixel=True),
 }
 SOURCES = ("auto", "raw", "tfds", "generate")
 
@@ -328,11 +331,11 @@ def load_dataset(name: str, *, data_dir: str | None = None, source: str = "auto"
         raise ValueError(f"load_dataset: unknown source {source!r}; expected one of {', '.join(SOURCES)}")
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DataError(f"load_dataset: --data-dir {data_dir} does not exist or is not a folder")
-    base = DATASETS[name].base
-    if base is not None:
-        data = load_dataset(base, data_dir=data_dir, source=source)
-        splits = [Split(s.images, segment_digits(s.images, s.labels)) for s in (data.train, data.test)]
-        return Dataset(name, *splits, f"{data.source}, each pixel labelled background or 1 + its digit")
+    info = DATASETS[name]
+    if info.base is not None:
+        data = load_dataset(info.base, data_dir=data_dir, source=source)
+        splits = [Split(s.images, info.derive(s.images, s.labels)) for s in (data.train, data.test)]
+        return Dataset(name, *splits, f"{data.source}, labels by {info.derive.__name__}")
     if name == "mnist1d":
         if source not in ("auto", "generate"):
             raise ValueError(f"load_dataset: mnist1d is generated locally; source {source!r} does not apply")
