@@ -65,19 +65,15 @@ def _conv_case(rng, n_sp, dtype):
 
 
 def _conv_transpose_case(rng, n_sp, dtype):
-    groups = int(rng.choice([1, 2]))
-    c_in, c_out = 2 * groups, groups * int(rng.integers(1, 3))
-    kernel, stride, dilation = _ints(rng, 1, 4, n_sp), _ints(rng, 1, 4, n_sp), _ints(rng, 1, 3, n_sp)
-    output_padding = tuple(int(rng.integers(0, max(s, d))) for s, d in zip(stride, dilation))
-    kind = str(rng.choice(["SAME", "int", "per-axis", "pairs"]))
-    padding = "SAME" if kind == "SAME" else _padding(rng, n_sp, causal_ok=False) if kind != "int" else 0
-    if padding == "SAME":
-        output_padding = 0
-    x = rng.normal(size=(2, *_ints(rng, 4, 7, n_sp), c_in)).astype(dtype)
-    w = rng.normal(size=(*kernel, c_in, c_out // groups)).astype(dtype)
-    b = rng.normal(size=(c_out,)).astype(dtype)
-    return F.conv_transpose, (x, w, b), dict(stride=stride, padding=padding, output_padding=output_padding,
-                                             dilation=dilation, groups=groups)
+    """A PyTorch-expressible case, half the time with ``"SAME"`` or asymmetric ``(lo, hi)`` padding
+    (each side within the case's own crop bound, so the output is never empty)."""
+    x, w, b, options = torch_conv_transpose_case(rng, n_sp)
+    kind = str(rng.choice(["int", "SAME", "pairs"]))
+    if kind == "SAME":
+        options.update(padding="SAME", output_padding=0)
+    elif kind == "pairs":
+        options["padding"] = [(int(rng.integers(0, p + 1)), int(rng.integers(0, p + 1))) for p in options["padding"]]
+    return F.conv_transpose, tuple(a.astype(dtype) for a in (x, w, b)), options
 
 
 def torch_conv_transpose_case(rng, n_sp, *, max_size: int = 6):
