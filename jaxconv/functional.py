@@ -763,7 +763,8 @@ def dropout(x, key, *, drop_rate: float, deterministic: bool = False):
 
 
 __all__ = [
-    "conv", "conv1d", "conv2d", "conv_transpose", "upsample", "add", "concat", "identity", "layer_norm", "group_norm", "max_pool", "avg_pool", "global_avg_pool", "dense", "relu", "flatten",
+    "conv", "conv1d", "conv2d", "conv_transpose", "upsample", "add", "concat", "identity", "layer_norm",
+    "group_norm", "max_pool", "avg_pool", "global_avg_pool", "dense", "relu", "flatten",
     "log_softmax", "softmax", "cross_entropy", "batch_norm", "batch_norm_train", "batch_moments", "dropout", "resolve_padding",
     "effective_kernel",
 ]

@@ -1,7 +1,9 @@
 """Output-size arithmetic, receptive fields, parameter and FLOP counts, and the summary table.
 
-FLOPs count a multiply-add as 2 (the convention of most papers and of fvcore/torchinfo's
-"mult-adds x 2"), forward pass only, per example.
+FLOPs: forward pass, per example, a multiply-add counted as 2 (as most papers and fvcore's
+"mult-adds x 2"), but only the multiply-adds a layer performs: a conv's kernel taps that land on
+padding are not counted, which is also how XLA's cost analysis counts. Each layer answers for
+itself (``Layer.flops``).
 """
 from __future__ import annotations
 

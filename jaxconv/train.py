@@ -105,12 +105,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    per_pixel = DATASETS[filled.dataset].per_pixel
-    if MODELS[filled.model].dense != per_pixel:
-        kinds = [d for d in DATASETS if DATASETS[d].per_pixel == MODELS[filled.model].dense]
-        raise ValueError(f"{filled.model} predicts {'a class per position' if MODELS[filled.model].dense else 'one class per example'}"
-                         f" and {filled.dataset} labels {'every pixel' if per_pixel else 'whole examples'}; "
-                         f"datasets for it: {', '.join(kinds)}")
+    per_pixel, dense = DATASETS[filled.dataset].per_pixel, MODELS[filled.model].dense
+    if dense != per_pixel:
+        fitting = [d for d in DATASETS if DATASETS[d].per_pixel == dense]
+        raise ValueError(f"{filled.model} predicts {'a class per position' if dense else 'one class per example'} "
+                         f"and {filled.dataset} labels {'every pixel' if per_pixel else 'whole examples'}; "
+                         f"datasets for it: {', '.join(fitting)}")
     if per_pixel and (filled.crop or filled.flip):
         raise ValueError(f"--crop and --flip move pixels away from their per-pixel labels; {filled.dataset} takes "
                          f"--crop 0 --no-flip")
