@@ -1,6 +1,8 @@
-"""The ``jaxconv`` command: train, eval, summary, gradcheck.
+"""The ``jaxconv`` command: train, eval, predict, summary, gradcheck.
 
-Bad flags get one line on stderr and exit status 2; a failed gradient check exits 1.
+Every failure a user can cause gets one line on stderr: bad flags and inputs exit 2; a run that diverged,
+ran out of memory or could not write exits 1; a run stopped by a signal exits 128 + its number after its
+checkpoint; a failed gradient check exits 1.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import dataclasses
 import json
 import os
 import sys
+
+import numpy as np
 
 EPILOG = "Bare `jaxconv train` trains mnist1d_cnn on MNIST-1D (generated locally, no download)."
 
@@ -26,14 +30,20 @@ def _positive_int(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxconv.config import RESUMABLE, flag
     from jaxconv.data import DATASETS, SOURCES
     from jaxconv.models import MODELS
 
     parser = _Parser(prog="jaxconv", description="Convolutional networks on JAX/Flax.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train a registered model", epilog=EPILOG)
-    train.add_argument("--dataset", default="mnist1d", choices=list(DATASETS))
+    # Only the flags given appear in the namespace: TrainConfig and the recipes supply the rest, and a
+    # resumed run can tell a flag given on purpose from a default.
+    train = sub.add_parser("train", help="train a registered model", argument_default=argparse.SUPPRESS,
+                           epilog=f"{EPILOG} With --resume, only {', '.join(map(flag, RESUMABLE))} may differ from "
+                                  f"the run's config.json (more --epochs stretches a cosine or one-cycle schedule "
+                                  f"from where the run stopped). SIGINT or SIGTERM stops a run after a checkpoint.")
+    train.add_argument("--dataset", choices=list(DATASETS), help="default: mnist1d")
     train.add_argument("--model", choices=list(MODELS), help="default: the dataset's recipe")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int)
@@ -44,22 +54,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--label-smoothing", type=float)
     train.add_argument("--crop", type=int, help="random-crop padding in pixels (0 turns it off)")
-    train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
-    train.add_argument("--grad", choices=["auto", "manual"], default="auto",
-                       help="manual: every layer's backward is the hand-written one")
-    train.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (images)")
+    train.add_argument("--grad", choices=["auto", "manual"],
+                       help="manual: every layer's backward is the hand-written one (default auto)")
+    train.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default float32)")
+    train.add_argument("--seed", type=int, help="default 0")
     train.add_argument("--data-dir")
-    train.add_argument("--source", choices=list(SOURCES), default="auto")
+    train.add_argument("--source", choices=list(SOURCES), help="default auto")
     train.add_argument("--out", help="run folder (default runs/DATASET_MODEL_sSEED)")
-    train.add_argument("--eval-batch-size", type=_positive_int, default=1000)
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    train.add_argument("--overwrite", action="store_true",
+    train.add_argument("--eval-batch-size", type=_positive_int, help="default 1000")
+    train.add_argument("--val-split", type=float, metavar="FRACTION",
+                       help="hold this share of the training set out (drawn by --seed) for per-epoch validation "
+                            "and the best checkpoint; the test set is then evaluated at the end")
+    train.add_argument("--test-every-epoch", action="store_true",
+                       help="with --val-split: evaluate the test set every epoch too")
+    train.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                       help="also checkpoint every STEPS training steps (default: at epoch ends only)")
+    train.add_argument("--resume", action="store_true", default=False,
+                       help="continue the run in --out from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true", default=False,
                        help="replace the run already in --out (removed only after the new run is validated)")
 
-    ev = sub.add_parser("eval", help="evaluate the last checkpoint of a run on its test set")
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint on its test set")
     ev.add_argument("--out", required=True, help="the run folder")
     ev.add_argument("--data-dir")
+    ev.add_argument("--which", choices=["auto", "best", "latest"], default="auto",
+                    help="auto: the best checkpoint when the run kept one, else the latest")
+
+    pr = sub.add_parser("predict", help="classify image files (PNG, JPEG, .npy) with a trained run")
+    pr.add_argument("--out", required=True, help="the run folder")
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--top", type=_positive_int, default=3, help="classes shown per image (default 3)")
+    pr.add_argument("--which", choices=["auto", "best", "latest"], default="auto")
 
     summ = sub.add_parser("summary", help="print a model's layer table")
     summ.add_argument("--model", required=True, choices=list(MODELS))
@@ -74,54 +100,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from jaxconv.train import TrainConfig, TrainingDiverged, fit, resolve
+    from jaxconv import runs
+    from jaxconv.config import TrainConfig, resolve
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}
-    if args.resume:
-        path = os.path.join(args.out or resolve(TrainConfig(**given)).out, "config.json")
-        if not os.path.exists(path):
-            raise ValueError(f"--resume: no run to resume at {os.path.dirname(path)}")
-        with open(path) as f:
-            stored = json.load(f)
-        # The stored run wins, except for flags given now with a value other than their default
-        # (e.g. more --epochs).
-        defaults = vars(build_parser().parse_args(["train"]))
-        explicit = {k: v for k, v in given.items() if v is not None and v != defaults.get(k)}
-        config = TrainConfig(**{**stored, **explicit})
+    if args.resume:  # the stored run's settings, with the flags given now on top (fit checks they may change)
+        out = args.out if "out" in given else resolve(TrainConfig(**given)).out
+        runs.claim(out, resume=True, overwrite=args.overwrite)  # "no run to resume" before reading its config
+        config = TrainConfig(**{**dataclasses.asdict(runs.load_config(out)), **given, "out": out})
     else:
         config = TrainConfig(**given)
-    try:
-        fit(config, resume=args.resume, overwrite=args.overwrite)
-    except TrainingDiverged as err:
-        print(f"jaxconv train: {err}", file=sys.stderr)
-        return 1
+    from jaxconv.train import fit
+    fit(config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def _eval(args) -> int:
-    from jaxconv.data import DATASETS, load_dataset
-    from jaxconv.train import (TrainConfig, _checkpointer, confusion_matrix, evaluate, format_matrix, init_state,
-                               make_steps, restore_checkpoint)
     import jax
+    from jaxconv.data import DATASETS, load_dataset
+    from jaxconv.inference import load
+    from jaxconv.steps import confusion_matrix
+    from jaxconv.train import format_matrix
 
-    path = os.path.join(args.out, "config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"eval: {args.out} holds no run (no config.json)")
-    with open(path) as f:
-        config = TrainConfig(**json.load(f))
+    model = load(args.out, args.which)
+    config, info = model.config, DATASETS[model.config.dataset]
     data = load_dataset(config.dataset, data_dir=args.data_dir or config.data_dir, source=config.source)
-    info = DATASETS[config.dataset]
-    state, g_train, g_eval, tx = init_state(config, data.train.images.shape[1:], info.num_classes, 1)
-    manager = _checkpointer(args.out)
-    state, epoch = restore_checkpoint(manager, state)
-    if epoch == 0:
-        raise ValueError(f"eval: {args.out} has no checkpoint yet")
-    _, eval_step = make_steps(g_train, g_eval, tx, config, info)
-    loss, acc, preds = evaluate(eval_step, state, jax.device_put(data.test.images), jax.device_put(data.test.labels),
-                                config.eval_batch_size)
-    print(f"{config.model} on {config.dataset}, checkpoint of epoch {epoch}: test loss {loss:.4f} accuracy {acc:.4f}")
-    print(format_matrix(confusion_matrix(data.test.labels, preds, info.num_classes)))
+    logits = model(data.test.images)
+    labels = data.test.labels
+    log_p = jax.nn.log_softmax(jax.numpy.asarray(logits), axis=-1)
+    loss = -float(np.mean(np.take_along_axis(np.asarray(log_p), labels[..., None], axis=-1)))
+    preds = logits.argmax(-1)
+    print(f"{config.model} on {config.dataset}, {model!r}: test loss {loss:.4f} accuracy "
+          f"{float(np.mean(preds == labels)):.4f}")
+    print(format_matrix(confusion_matrix(labels, preds, info.num_classes), info.classes))
+    return 0
+
+
+def _predict(args) -> int:
+    from jaxconv.data import DATASETS
+    from jaxconv.inference import load, read_image
+
+    model = load(args.out, args.which)
+    images = [read_image(path, model.input_shape) for path in args.images]
+    print(f"{model!r}")
+    for path, image in zip(args.images, images):
+        if DATASETS[model.config.dataset].per_pixel:
+            counts = np.bincount(np.asarray(model(image)).argmax(-1).ravel(), minlength=len(model.class_names))
+            shares = ", ".join(f"{model.class_names[c]} {n / counts.sum():.1%}" for c, n in enumerate(counts) if n)
+            print(f"{path}: pixels per class: {shares}")
+            continue
+        batch = model.prepare(image)[0]
+        for k, ranked in enumerate(model.top(batch, args.top)):
+            where = f"{path}[{k}]" if len(batch) > 1 else path
+            print(f"{where}: " + ", ".join(f"{name} {p:.3f}" for name, p in ranked))
     return 0
 
 
@@ -162,9 +194,35 @@ def _gradcheck(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxconv.data import DataError
+    commands = {"train": _train, "eval": _eval, "predict": _predict, "summary": _summary, "gradcheck": _gradcheck}
     try:
-        return {"train": _train, "eval": _eval, "summary": _summary, "gradcheck": _gradcheck}[args.command](args)
-    except (ValueError, DataError) as err:
-        print(f"jaxconv {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return commands[args.command](args)
+    except BaseException as err:  # every failure a user can cause or meet: one line, a status that says which
+        message, status = explain(err)
+        if message is None:
+            raise
+        print(f"jaxconv {args.command}: {message}", file=sys.stderr)
+        return status
+
+
+def explain(err: BaseException) -> tuple[str | None, int]:
+    """``(one line, exit status)`` for a failure a user can cause or meet; ``(None, 0)`` for a bug."""
+    import errno
+    from jaxconv.data import DataError
+    from jaxconv.train import OutOfMemory, Stopped, TrainingDiverged
+
+    if isinstance(err, Stopped):
+        return str(err), 128 + err.signal
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (nothing was trained since the last checkpoint, if any)", 130
+    if isinstance(err, (ValueError, DataError)):
+        return f"error: {err}", 2
+    if isinstance(err, (TrainingDiverged, OutOfMemory)):
+        return f"error: {err}", 1
+    if isinstance(err, OSError) and err.errno is not None:
+        where = f" ({err.filename})" if err.filename else ""
+        hint = {errno.ENOSPC: "; free some space or choose another --out, then --resume",
+                errno.EACCES: "; choose a folder you may write to",
+                errno.EROFS: "; choose a folder you may write to"}.get(err.errno, "")
+        return f"error: {err.strerror}{where}{hint}", 1
+    return None, 0

@@ -38,6 +38,8 @@ class DatasetInfo:
     base: str | None = None  # a dataset read from another one's files, its labels `derive(images, labels)`
     derive: Callable | None = None
     per_pixel: bool = False  # labels [N, *spatial]: one class per position
+    classes: tuple = tuple(str(d) for d in range(10))  # the name of each class index
+    pixels: bool = True  # uint8 pixels (normalised from x / 255); False: float values used as they are
 
 
 def segment_digits(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -46,14 +48,19 @@ def segment_digits(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.where(images[..., 0] >= 128, labels[:, None, None] + 1, 0).astype(np.int32)
 
 
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATASETS = {
     "mnist": DatasetInfo((28, 28, 1), 10, (0.1307,), (0.3081,)),
-    "fashion_mnist": DatasetInfo((28, 28, 1), 10, (0.2860,), (0.3530,), ("/usr/share/datasets/fashion-mnist",)),
-    "cifar10": DatasetInfo((32, 32, 3), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "mnist1d": DatasetInfo((40, 1), 10, (0.0,), (1.0,)),
+    "fashion_mnist": DatasetInfo((28, 28, 1), 10, (0.2860,), (0.3530,), ("/usr/share/datasets/fashion-mnist",),
+                                 classes=FASHION_CLASSES),
+    "cifar10": DatasetInfo((32, 32, 3), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                           classes=CIFAR10_CLASSES),
+    "mnist1d": DatasetInfo((40, 1), 10, (0.0,), (1.0,), pixels=False),
     # MNIST's files, each pixel labelled background or its digit (segment_digits)
     "mnist_seg": DatasetInfo((28, 28, 1), 11, (0.1307,), (0.3081,), base="mnist", derive=segment_digits,
-                             per_pixel=True),
+                             per_pixel=True, classes=("background",) + tuple(str(d) for d in range(10))),
 }
 SOURCES = ("auto", "raw", "tfds", "generate")
 
@@ -65,6 +72,19 @@ class Split:
 
     def __len__(self):
         return len(self.labels)
+
+
+def split_validation(split: "Split", fraction: float, seed: int) -> tuple["Split", "Split"]:
+    """``(train, validation)``: ``round(fraction * N)`` examples drawn by ``seed`` held out; both keep the
+    original order. ``ValueError`` when either part would be empty."""
+    n = len(split)
+    n_val = int(round(fraction * n))
+    if not 1 <= n_val < n:
+        raise ValueError(f"--val-split {fraction} of {n} training examples leaves {n_val} for validation and "
+                         f"{n - n_val} for training; both need at least one")
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return Split(split.images[~held], split.labels[~held]), Split(split.images[held], split.labels[held])
 
 
 @dataclass
@@ -238,8 +258,13 @@ def generate_mnist1d(cache: str | None = None) -> tuple[Split, Split]:
     """MNIST-1D with the package's default arguments (4,000 train / 1,000 test, length 40), cached."""
     path = os.path.join(cache or cache_dir(), "mnist1d.npz")
     if os.path.exists(path):
-        with np.load(path) as z:
-            return Split(z["x"], z["y"]), Split(z["x_test"], z["y_test"])
+        try:
+            with np.load(path) as z:
+                return Split(z["x"], z["y"]), Split(z["x_test"], z["y_test"])
+        except Exception as err:  # a truncated or foreign file: it is only a cache, made again below
+            import warnings
+            warnings.warn(f"mnist1d: the cache {path} is unreadable ({type(err).__name__}: {err}); generating "
+                          f"the dataset again and replacing it")
     try:
         import mnist1d.data
     except ImportError as err:
@@ -249,7 +274,9 @@ def generate_mnist1d(cache: str | None = None) -> tuple[Split, Split]:
               for k in ("x", "y", "x_test", "y_test")}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path, **arrays)
+        with open(f"{path}.tmp", "wb") as f:  # a kill mid-write must not leave a torn cache
+            np.savez(f, **arrays)
+        os.replace(f"{path}.tmp", path)
     except OSError:
         pass  # a read-only home only costs the 2 s of regeneration next time
     return Split(arrays["x"], arrays["y"]), Split(arrays["x_test"], arrays["y_test"])

@@ -1,274 +1,92 @@
-"""Training: a pure ``train_step``/``eval_step`` compiled once, the whole dataset on the device.
+"""Training runs: ``fit(config)`` trains a registered model and keeps everything it did in ``config.out``.
 
-The state is a pytree (params, model state such as batch statistics, optimizer state, step, key).
-Each step gathers its batch from the on-device arrays by index, augments it inside ``jit`` and
-applies an Optax update; nothing crosses the host boundary but the indices. Every epoch appends a
-JSON line to ``OUT/metrics.jsonl`` and an Orbax checkpoint to ``OUT/checkpoints``.
+A run never loses work:
+
+* a folder that holds a run is only continued (``resume``) or, on request, replaced (``overwrite``),
+  and only once the new run's config, data and model are built;
+* a checkpoint is written at every epoch's end, every ``checkpoint_every`` steps, and when SIGINT or
+  SIGTERM arrives (the step in flight finishes first; :class:`Stopped` is raised after the write);
+* ``resume`` continues from the latest checkpoint, mid-epoch included, and ends with the same
+  metrics and parameters as a run never interrupted: the data order and augmentation are functions
+  of the seed, the epoch and the step, and the epoch's running sums travel in the state.
+
+The compiled steps live in :mod:`jaxconv.steps`, the folder's files in :mod:`jaxconv.runs`, the
+configuration in :mod:`jaxconv.config`.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
+import contextlib
 import os
-import shutil
+import signal
 import sys
+import threading
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
-from jaxconv import compiler
-from jaxconv import functional as F
-from jaxconv.data import DATASETS, Dataset, load_dataset
-from jaxconv.models import MODELS, create_model
+from jaxconv import checkpoints as ckpt
+from jaxconv import runs
+from jaxconv.config import MODEL_RECIPES, RECIPES, TrainConfig, check_resume, describe, resolve  # noqa: F401
+from jaxconv.data import DATASETS, Dataset, load_dataset, split_validation
+from jaxconv.steps import (DTYPES, TrainState, confusion_matrix, evaluate, init_state,  # noqa: F401
+                           make_optimizer, make_schedule, make_steps)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    dataset: str = "mnist1d"
-    model: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None          # sgd | nesterov | adam | adamw
-    lr: float | None = None
-    schedule: str | None = None           # constant | cosine | onecycle
-    warmup_epochs: float | None = None
-    weight_decay: float | None = None
-    label_smoothing: float | None = None
-    crop: int | None = None               # random-crop padding in pixels (0: off)
-    flip: bool | None = None              # random horizontal flip (2-D only)
-    grad: str = "auto"                    # auto | manual (hand-written backward)
-    dtype: str = "float32"                # compute dtype: float32 | bfloat16
-    seed: int = 0
-    data_dir: str | None = None
-    source: str = "auto"
-    out: str | None = None
-    eval_batch_size: int = 1000
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory; the message names the batch size."""
 
 
-# Defaults per dataset: `jaxconv train --dataset D` uses these unless a flag says otherwise.
-RECIPES: dict[str, dict[str, Any]] = {
-    "mnist1d": dict(model="mnist1d_cnn", epochs=120, batch_size=100, optimizer="adam", lr=1e-2, schedule="cosine",
-                    warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=4, flip=False),
-    "mnist": dict(model="mnist_cnn", epochs=12, batch_size=64, optimizer="adam", lr=2e-3, schedule="onecycle",
-                  warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=2, flip=False),
-    "fashion_mnist": dict(model="seed_cnn", epochs=15, batch_size=128, optimizer="adam", lr=2e-3, schedule="onecycle",
-                          warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=0, flip=True),
-    "mnist_seg": dict(model="unet_small", epochs=4, batch_size=64, optimizer="adam", lr=3e-3, schedule="onecycle",
-                      warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=0, flip=False),
-    "cifar10": dict(model="convnetjs_cifar", epochs=70, batch_size=128, optimizer="adam", lr=4e-3, schedule="onecycle",
-                    warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=2, flip=True),
-}
-# Where a model wants a different recipe on a dataset than the dataset's default model.
-MODEL_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
-    ("mnist1d", "mnist1d_deep"): dict(epochs=30),
-    # He et al. 2016's optimiser (SGD momentum 0.9, weight decay 5e-4 here, batch 128, 4-pixel crops and
-    # flips) on a 30-epoch one-cycle schedule instead of 164 epochs of step decay.
-    ("cifar10", "resnet20"): dict(epochs=30, optimizer="nesterov", lr=0.1, weight_decay=5e-4, crop=4),
-}
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "onecycle")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64 needs jax_enable_x64
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run after a checkpoint was written; ``signal`` is its number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signal = signum
 
 
-def resolve(config: TrainConfig) -> TrainConfig:
-    """Fill unset fields from the dataset's recipe and check every value; ``ValueError`` names the flag."""
-    if config.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {config.dataset!r}; choose from {', '.join(DATASETS)}")
-    recipe = dict(RECIPES[config.dataset])
-    recipe.update(MODEL_RECIPES.get((config.dataset, config.model or recipe["model"]), {}))
-    filled = dataclasses.replace(config, **{k: v for k, v in recipe.items() if getattr(config, k) is None})
-    checks = [
-        (filled.model in MODELS, f"unknown model {filled.model!r}; choose from {', '.join(MODELS)}"),
-        (filled.epochs >= 0, f"--epochs must be >= 0, got {filled.epochs}"),
-        (filled.batch_size >= 1, f"--batch-size must be >= 1, got {filled.batch_size}"),
-        (filled.optimizer in OPTIMIZERS, f"unknown optimizer {filled.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"),
-        (filled.lr > 0, f"--lr must be > 0, got {filled.lr}"),
-        (filled.schedule in SCHEDULES, f"unknown schedule {filled.schedule!r}; choose from {', '.join(SCHEDULES)}"),
-        (filled.weight_decay >= 0, f"--weight-decay must be >= 0, got {filled.weight_decay}"),
-        (0 <= filled.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {filled.label_smoothing}"),
-        (filled.crop >= 0, f"--crop must be >= 0, got {filled.crop}"),
-        (filled.grad in ("auto", "manual"), f"--grad must be auto or manual, got {filled.grad!r}"),
-        (filled.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {filled.dtype!r}"),
-        (filled.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {filled.eval_batch_size}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    per_pixel, dense = DATASETS[filled.dataset].per_pixel, MODELS[filled.model].dense
-    if dense != per_pixel:
-        fitting = [d for d in DATASETS if DATASETS[d].per_pixel == dense]
-        raise ValueError(f"{filled.model} predicts {'a class per position' if dense else 'one class per example'} "
-                         f"and {filled.dataset} labels {'every pixel' if per_pixel else 'whole examples'}; "
-                         f"datasets for it: {', '.join(fitting)}")
-    if per_pixel and (filled.crop or filled.flip):
-        raise ValueError(f"--crop and --flip move pixels away from their per-pixel labels; {filled.dataset} takes "
-                         f"--crop 0 --no-flip")
-    if filled.out is None:
-        filled.out = os.path.join("runs", f"{filled.dataset}_{filled.model}_s{filled.seed}")
-    return filled
+class _StopSignals:
+    """While active (main thread only), SIGINT and SIGTERM are noted instead of acted on; a second one
+    of either acts at once (Ctrl-C twice still interrupts)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.caught, self.saved = None, {}
+
+    def _note(self, signum, frame):
+        if self.caught is not None:
+            self.__exit__()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+        self.caught = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.saved = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+        self.saved = {}
 
 
-# --------------------------------------------------------------------------- state and optimizer
-
-
-@flax.struct.dataclass
-class TrainState:
-    params: Any
-    model_state: Any      # everything of the model that is not a Param: batch statistics, dropout RNG
-    opt_state: Any
-    step: jax.Array
-    key: jax.Array        # the run's base key (raw uint32[2]); per-step keys are folded from it
-
-
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    total = max(config.epochs * steps_per_epoch, 1)
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    if config.schedule == "constant":
-        lr = config.lr
-    elif config.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0 if warmup else config.lr, config.lr, warmup, total)
-    else:  # one-cycle: up for 25 % of training (or the warm-up given), then cosine down
-        lr = optax.cosine_onecycle_schedule(total, config.lr, pct_start=(warmup / total) if warmup else 0.25)
-    if config.optimizer in ("sgd", "nesterov"):
-        tx = optax.sgd(lr, momentum=0.9, nesterov=config.optimizer == "nesterov")
-        return optax.chain(optax.add_decayed_weights(config.weight_decay), tx) if config.weight_decay else tx
-    if config.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=config.weight_decay)
-    tx = optax.adam(lr)
-    return optax.chain(optax.add_decayed_weights(config.weight_decay), tx) if config.weight_decay else tx
-
-
-# --------------------------------------------------------------------------- on-device batches
-
-
-def normalise(x, mean, std):
-    """uint8 pixels -> (x / 255 - mean) / std; float data -> (x - mean) / std (in ``mean``'s dtype)."""
-    if jnp.issubdtype(x.dtype, jnp.integer):
-        x = x.astype(mean.dtype) / 255.0
-    return (x.astype(mean.dtype) - mean) / std
-
-
-def augment(key, x, *, crop: int, flip: bool):
-    """Random crop of every spatial axis after zero padding by ``crop``; random horizontal flip (2-D)."""
-    if crop:
-        n_sp = x.ndim - 2
-        key, sub = jax.random.split(key)
-        padded = jnp.pad(x, [(0, 0)] + [(crop, crop)] * n_sp + [(0, 0)])
-        offsets = jax.random.randint(sub, (x.shape[0], n_sp), 0, 2 * crop + 1)
-        take = lambda img, off: jax.lax.dynamic_slice(img, (*off, 0), x.shape[1:])
-        x = jax.vmap(take)(padded, offsets)
-    if flip and x.ndim == 4:
-        mirror = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
-        x = jnp.where(mirror, x[:, :, ::-1], x)
-    return x
-
-
-def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info):
-    real = jnp.float64 if config.dtype == "float64" else jnp.float32
-    mean, std = jnp.asarray(info.mean, real), jnp.asarray(info.std, real)
-
-    def train_step(state: TrainState, images, labels, order, i):
-        idx = jax.lax.dynamic_index_in_dim(order, i, keepdims=False)
-        x, y = normalise(images[idx], mean, std), labels[idx]
-        x = augment(jax.random.fold_in(state.key, state.step), x, crop=config.crop, flip=config.flip)
-
-        def loss_fn(params):
-            model = nnx.merge(graphdef_train, params, state.model_state, copy=True)
-            logits = model(x).astype(real)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
-
-        (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = state.replace(params=optax.apply_updates(state.params, updates), model_state=model_state,
-                            opt_state=opt_state, step=state.step + 1)
-        return new, {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == y) / math.prod(y.shape[1:])}
-
-    def eval_step(state: TrainState, images, labels, idx, mask):
-        model = nnx.merge(graphdef_eval, state.params, state.model_state)
-        logits = model(normalise(images[idx], mean, std)).astype(real)
-        y = labels[idx]
-        mask_y = mask.reshape(mask.shape + (1,) * (y.ndim - 1))  # per-position labels: mask every position
-        positions = math.prod(y.shape[1:])
-        losses = F.cross_entropy(logits, y, reduction="none")
-        pred = jnp.argmax(logits, -1)
-        return jnp.sum(losses * mask_y) / positions, jnp.sum((pred == y) * mask_y) / positions, pred
-
-    return compiler.jit(train_step, donate_argnums=0), compiler.jit(eval_step)
-
-
-def evaluate(eval_step, state, images, labels, batch_size: int):
-    """Loss, accuracy and predictions over every example: the last batch is padded and masked."""
-    n = int(labels.shape[0])
-    batch_size = min(batch_size, n)
-    steps = math.ceil(n / batch_size)
-    idx = np.zeros(steps * batch_size, np.int32)
-    idx[:n] = np.arange(n)
-    mask = np.zeros(steps * batch_size, np.float32)
-    mask[:n] = 1
-    idx, mask = jnp.asarray(idx.reshape(steps, batch_size)), jnp.asarray(mask.reshape(steps, batch_size))
-    loss_sum, correct, preds = 0.0, 0, []
-    for s in range(steps):
-        l, c, p = eval_step(state, images, labels, idx[s], mask[s])
-        loss_sum, correct = loss_sum + l, correct + c
-        preds.append(p)
-    preds = np.asarray(jnp.concatenate(preds))[:n]
-    return float(loss_sum) / n, float(correct) / n, preds
-
-
-def confusion_matrix(labels, preds, num_classes: int):
-    m = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(m, (np.asarray(labels), np.asarray(preds)), 1)
-    return m
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _checkpointer(out: str):
-    import orbax.checkpoint as ocp
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints")),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
-
-
-def _as_tree(state: TrainState):
-    # Orbax wants string keys; the state's own structure is rebuilt from the live state's treedef.
-    return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(state))}
-
-
-def save_checkpoint(manager, epoch: int, state: TrainState):
-    import orbax.checkpoint as ocp
-    manager.save(epoch, args=ocp.args.StandardSave(_as_tree(state)))
-    manager.wait_until_finished()
-
-
-def restore_checkpoint(manager, template: TrainState):
-    import orbax.checkpoint as ocp
-    epoch = manager.latest_step()
-    if epoch is None:
-        return None, 0
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _as_tree(template))
+@contextlib.contextmanager
+def _explain_out_of_memory(what: str, flag: str, batch: int):
     try:
-        tree = manager.restore(epoch, args=ocp.args.StandardRestore(target))
-    except ValueError as err:
-        raise ValueError(f"the checkpoint of epoch {epoch} in {manager.directory} does not match this run's model and "
-                         f"optimizer (were --model, --optimizer or --dtype changed?): {str(err).splitlines()[0]}") from err
-    leaves = [jnp.asarray(tree[k]) for k in sorted(tree)]
-    return jax.tree.unflatten(jax.tree.structure(template), leaves), epoch
-
-
-# --------------------------------------------------------------------------- the loop
+        yield
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
+            raise
+        raise OutOfMemory(f"the device ran out of memory in a {what} step of batch size {batch}; "
+                          f"try {flag} {max(batch // 2, 1)}") from err
 
 
 class _Progress:
@@ -290,135 +108,169 @@ class _Progress:
             self.stream.write("\r" + " " * 70 + "\r")
 
 
-def init_state(config: TrainConfig, input_shape, num_classes: int, steps_per_epoch: int):
-    wide = config.dtype == "float64"  # parameters in float64 too, for gradient comparisons
-    model = create_model(config.model, input_shape=input_shape, num_classes=num_classes, grad=config.grad,
-                         dtype=DTYPES[config.dtype] if config.dtype == "bfloat16" else None,
-                         param_dtype=jnp.float64 if wide else jnp.float32, seed=config.seed)
-    model.train()
-    graphdef_train, params, model_state = nnx.split(model, nnx.Param, ...)
-    model.eval()
-    graphdef_eval = nnx.graphdef(model)
-    tx = make_optimizer(config, steps_per_epoch)
-    state = TrainState(params, model_state, tx.init(params), jnp.zeros((), jnp.int32),
-                       jax.random.PRNGKey(config.seed))
-    return state, graphdef_train, graphdef_eval, tx
-
-
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "curves.png")
-
-
-def write_atomically(path: str, text: str):
-    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old or the new."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _check_finite(losses, first_step: int, epoch: int, latest, out: str):
+    values = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        last = latest.latest_step()
+        raise TrainingDiverged(
+            f"loss became {values[bad[0]]} at step {first_step + int(bad[0])} (epoch {epoch + 1}); training stopped. "
+            + (f"The last good checkpoint is step {last} in {os.path.join(out, 'checkpoints')}."
+               if last is not None else "No checkpoint was written yet."))
 
 
 def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, dataset: Dataset | None = None,
         log=print):
     """Train ``config`` (see :class:`TrainConfig`); returns the list of per-epoch metric dicts.
 
-    A folder that already holds a run is never touched unless asked: ``resume`` continues it;
-    ``overwrite`` replaces it, and only once the new run's config, data and model have been built.
+    ``resume`` continues the run in ``config.out`` (every setting but those in
+    :data:`jaxconv.config.RESUMABLE` must match its ``config.json``); ``overwrite`` replaces it.
     """
     config = resolve(config)
     out = config.out
-    config_path = os.path.join(out, "config.json")
-    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
-    if resume and overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
-    if resume and not os.path.exists(config_path):
-        raise ValueError(f"--resume: {out} holds no run to resume (no config.json)")
-    if existing and not resume and not overwrite:
-        raise ValueError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
-                         f"or --overwrite to replace it")
-
+    existing = runs.claim(out, resume=resume, overwrite=overwrite)
+    if resume:
+        check_resume(resolve(runs.load_config(out)), config)
     data = dataset or load_dataset(config.dataset, data_dir=config.data_dir, source=config.source)
     info = DATASETS[config.dataset]
-    n_train = len(data.train)
+    train, val = data.train, None
+    if config.val_split:
+        train, val = split_validation(data.train, config.val_split, config.seed)
+    n_train = len(train)
     batch = min(config.batch_size, n_train)
     steps = n_train // batch  # the last partial batch is dropped: one compiled shape
-    state, graphdef_train, graphdef_eval, tx = init_state(config, data.train.images.shape[1:], info.num_classes, steps)
-    if overwrite:  # everything above is validated: now the old run may go
-        for name in existing:
-            path = os.path.join(out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(out, exist_ok=True)
-    write_atomically(config_path, json.dumps(dataclasses.asdict(config), indent=1))
-    train_step, eval_step = make_steps(graphdef_train, graphdef_eval, tx, config, info)
-    train_x, train_y = jax.device_put(data.train.images), jax.device_put(data.train.labels)
-    test_x, test_y = jax.device_put(data.test.images), jax.device_put(data.test.labels)
+    state, graphdef_train, graphdef_eval, tx = init_state(config, train.images.shape[1:], info.num_classes, steps)
 
-    manager = _checkpointer(out)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    history, start_epoch = [], 0
+    latest_dir = os.path.join(out, "checkpoints")
+    history = []
     if resume:
-        state, start_epoch = restore_checkpoint(manager, state)
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                history = [json.loads(line) for line in f if line.strip()][:start_epoch]
-        log(f"resuming {out} after epoch {start_epoch}")
-    with open(metrics_path, "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
+        named, saved_step = ckpt.read(ckpt.manager(latest_dir, keep=2))
+        if saved_step is not None:
+            state = ckpt.restore_into(state, named, where=f"checkpoint {saved_step} in {latest_dir}")
+        done = int(state.step) // steps
+        history = runs.read_metrics(out)[:done]
+        if len(history) < done or (history and history[-1]["step"] != done * steps):
+            raise ValueError(f"--resume: the checkpoint in {latest_dir} is at step {int(state.step)}, which does not "
+                             f"match {out}/metrics.jsonl at {steps} steps per epoch (is --data-dir another dataset?)")
+    if overwrite:  # everything above is validated: now the old run may go
+        runs.remove(out, existing)
+    os.makedirs(out, exist_ok=True)
+    runs.save_config(out, config)
+    runs.write_metrics(out, history)
+    latest = ckpt.manager(latest_dir, keep=2)
+    best = ckpt.manager(os.path.join(out, "best"), keep=1) if val else None  # chosen by validation only
 
-    log(f"{config.dataset} ({data.source}): {n_train} train / {len(data.test)} test; model {config.model}; "
-        f"{config.epochs} epochs x {steps} steps of {batch}; {config.optimizer} lr {config.lr} {config.schedule}; "
-        f"grad={config.grad} dtype={config.dtype} on {jax.devices()[0].platform}")
+    train_step, eval_step = make_steps(graphdef_train, graphdef_eval, tx, config, info)
+    train_x, train_y = jax.device_put(train.images), jax.device_put(train.labels)
+    test = (jax.device_put(data.test.images), jax.device_put(data.test.labels))
+    per_epoch = {"val": (jax.device_put(val.images), jax.device_put(val.labels))} if val else {"test": test}
+    if val and config.test_every_epoch:
+        per_epoch["test"] = test
+    schedule = make_schedule(config, steps)
+    best_accuracy = max((h["val_accuracy"] for h in history), default=-1.0) if val else None
+
+    def evaluate_on(arrays, at):
+        with _explain_out_of_memory("evaluation", "--eval-batch-size", config.eval_batch_size):
+            return evaluate(eval_step, at, *arrays, config.eval_batch_size)
+
+    held = f" / {len(val)} validation" if val else ""
+    log(f"{config.dataset} ({data.source}): {n_train} train{held} / {len(data.test)} test; model {config.model}; "
+        f"{config.epochs} epochs x {steps} steps of {batch}; {describe(config)}; "
+        f"on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    start = int(state.step)
+    if resume:
+        log(f"resuming {out} at step {start} (epoch {start // steps + 1}, step {start % steps + 1} of {steps})")
     progress = _Progress(sys.stderr)
     wall_start = time.perf_counter() - (history[-1]["wall_s"] if history else 0.0)
-    preds = None
-    for epoch in range(start_epoch, config.epochs):
-        order = jax.random.permutation(jax.random.fold_in(state.key, epoch), n_train)[: steps * batch]
-        order = order.reshape(steps, batch)
-        t0 = time.perf_counter()
-        losses, correct = [], []
-        for i in range(steps):
-            state, m = train_step(state, train_x, train_y, order, i)
-            losses.append(m["loss"])
-            correct.append(m["correct"])
-            progress.update(epoch + 1, config.epochs, i + 1, steps)
-        losses = np.asarray(jnp.stack(losses))
-        train_time = time.perf_counter() - t0
-        progress.clear()
-        bad = np.flatnonzero(~np.isfinite(losses))
-        if bad.size:
-            step = epoch * steps + int(bad[0]) + 1
-            last = manager.latest_step()
-            raise TrainingDiverged(
-                f"loss became {losses[bad[0]]} at step {step} (epoch {epoch + 1}); training stopped. "
-                + (f"The last good checkpoint is epoch {last} in {os.path.join(out, 'checkpoints')}."
-                   if last is not None else "No checkpoint was written yet."))
-        test_loss, test_acc, preds = evaluate(eval_step, state, test_x, test_y, config.eval_batch_size)
-        record = dict(epoch=epoch + 1, step=int(state.step), train_loss=float(losses.mean()),
-                      train_accuracy=float(np.sum(np.asarray(correct))) / (steps * batch), test_loss=test_loss,
-                      test_accuracy=test_acc, images_per_s=steps * batch / train_time,
-                      wall_s=time.perf_counter() - wall_start)
-        history.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        save_checkpoint(manager, epoch + 1, state)
-        log(f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f} acc "
-            f"{record['train_accuracy']:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
-            f"{record['images_per_s']:,.0f} img/s  {record['wall_s']:.1f}s")
+    with _StopSignals() as signals:
+        for epoch in range(start // steps, config.epochs):
+            first = start - epoch * steps if epoch == start // steps else 0
+            if first == 0:
+                state = state.new_epoch()
+            order = jax.random.permutation(jax.random.fold_in(state.key, epoch), n_train)[: steps * batch]
+            order = order.reshape(steps, batch)
+            t0, losses, checked = time.perf_counter(), [], 0
+            for i in range(first, steps):
+                with _explain_out_of_memory("training", "--batch-size", batch):
+                    state, loss = train_step(state, train_x, train_y, order, i)
+                losses.append(loss)
+                progress.update(epoch + 1, config.epochs, i + 1, steps)
+                at = epoch * steps + i + 1
+                if i + 1 < steps and (signals.caught or (config.checkpoint_every and at % config.checkpoint_every == 0)):
+                    _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, latest, out)
+                    checked = len(losses)
+                    ckpt.save(latest, at, state)
+                    if signals.caught:
+                        progress.clear()
+                        raise _stopped(signals.caught, out, at, epoch, i + 1, steps)
+            train_time = time.perf_counter() - t0
+            progress.clear()
+            _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, latest, out)
+            at = (epoch + 1) * steps
+            record = dict(epoch=epoch + 1, step=at, lr=float(schedule(at - 1)),
+                          train_loss=float(state.loss_sum) / steps,
+                          train_accuracy=float(state.correct_sum) / steps)
+            for name, arrays in per_epoch.items():
+                record[f"{name}_loss"], record[f"{name}_accuracy"], _ = evaluate_on(arrays, state)
+            record.update(images_per_s=(steps - first) * batch / train_time, wall_s=time.perf_counter() - wall_start)
+            history.append(record)
+            runs.write_metrics(out, history)
+            if val and record["val_accuracy"] > best_accuracy:
+                best_accuracy = record["val_accuracy"]
+                ckpt.save(best, at, state)
+            ckpt.save(latest, at, state)
+            log(f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f} acc "
+                f"{record['train_accuracy']:.4f}  " + "  ".join(
+                    f"{n} loss {record[n + '_loss']:.4f} acc {record[n + '_accuracy']:.4f}" for n in per_epoch)
+                + f"  {record['images_per_s']:,.0f} img/s  {record['wall_s']:.1f}s")
+            if signals.caught and epoch + 1 < config.epochs:
+                raise _stopped(signals.caught, out, at, epoch, steps, steps)
     if history:
-        if preds is None:
-            _, _, preds = evaluate(eval_step, state, test_x, test_y, config.eval_batch_size)
-        matrix = confusion_matrix(data.test.labels, preds, info.num_classes)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"confusion_matrix": matrix.tolist()}) + "\n")
-        log("test confusion matrix (rows: true class, columns: predicted):\n" + format_matrix(matrix))
-        plot_curves(history, os.path.join(out, "curves.png"), title=f"{config.model} on {config.dataset}")
-        log(f"final test accuracy {history[-1]['test_accuracy']:.4f}; metrics, curves.png and checkpoints in {out}")
-    manager.close()
+        _finish(config, state, history, info, data, test, evaluate_on, best, log)
+    for manager in (latest, best):
+        if manager:
+            manager.close()
     return history
 
 
-def format_matrix(matrix) -> str:
+def _stopped(signum, out, at, epoch, i, steps) -> Stopped:
+    name = signal.Signals(signum).name
+    return Stopped(f"stopped by {name} after step {at} (epoch {epoch + 1}, step {i}/{steps}); checkpoint written; "
+                   f"continue with: jaxconv train --out {out} --resume", signum)
+
+
+def _finish(config, state, history, info, data, test, evaluate_on, best, log):
+    """The test set's numbers for the latest (and best) checkpoint, the confusion matrix and the curves."""
+    out = config.out
+    loss, accuracy, preds = evaluate_on(test, state)
+    results = {"latest": dict(epoch=history[-1]["epoch"], step=history[-1]["step"], test_loss=loss,
+                              test_accuracy=accuracy)}
+    named, best_step = ckpt.read(best) if best else ({}, None)
+    if best_step is not None:
+        record = next(h for h in history if h["step"] == best_step)
+        best_state = ckpt.restore_into(state, named, where=f"the best checkpoint in {out}/best")
+        b_loss, b_acc, _ = evaluate_on(test, best_state)
+        results["best"] = dict(epoch=record["epoch"], step=best_step, val_accuracy=record["val_accuracy"],
+                               test_loss=b_loss, test_accuracy=b_acc)
+    matrix = confusion_matrix(data.test.labels, preds, info.num_classes)
+    results["confusion_matrix"] = "confusion_matrix.csv"
+    runs.write_json(out, "results.json", results)
+    runs.write_confusion_csv(out, matrix, info.classes)
+    log("test confusion matrix (rows: true class, columns: predicted):\n" + format_matrix(matrix, info.classes))
+    plot_curves(history, os.path.join(out, "curves.png"), title=f"{config.model} on {config.dataset}")
+    if "best" in results:
+        log(f"best validation accuracy {results['best']['val_accuracy']:.4f} at epoch {results['best']['epoch']}: "
+            f"test accuracy {results['best']['test_accuracy']:.4f} (checkpoint in {out}/best)")
+    log(f"final test accuracy {accuracy:.4f}; metrics, results, curves.png and checkpoints in {out}")
+
+
+def format_matrix(matrix, class_names=None) -> str:
     width = max(len(str(int(matrix.max()))), 3)
-    head = "     " + " ".join(f"{j:>{width}d}" for j in range(matrix.shape[1]))
-    return "\n".join([head] + [f"{i:>3d}: " + " ".join(f"{v:>{width}d}" for v in row) for i, row in enumerate(matrix)])
+    names = [str(n)[:12] for n in (class_names or range(matrix.shape[0]))]
+    label = max(len(n) for n in names)
+    head = " " * (label + 6) + " ".join(f"{j:>{width}d}" for j in range(matrix.shape[1]))
+    rows = [f"{i:>3d} {names[i]:<{label}s}: " + " ".join(f"{v:>{width}d}" for v in row) for i, row in enumerate(matrix)]
+    return "\n".join([head] + rows)
 
 
 def plot_curves(history, path: str, *, title: str = ""):
@@ -426,17 +278,16 @@ def plot_curves(history, path: str, *, title: str = ""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["test_loss"] for h in history], label="test")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], label="train")
-    ax_acc.plot(epochs, [h["test_accuracy"] for h in history], label="test")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    splits = ["train"] + [s for s in ("val", "test") if f"{s}_loss" in history[0]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for split in splits:
+            ax.plot(epochs, [h[f"{split}_{metric}"] for h in history], label={"val": "validation"}.get(split, split))
+        ax.set(xlabel="epoch", ylabel=metric, title=metric)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(f"{path}.tmp", dpi=100, format="png")
     plt.close(fig)
+    os.replace(f"{path}.tmp", path)

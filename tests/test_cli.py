@@ -19,11 +19,11 @@ def test_bare_train_defaults_and_eval(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "mnist1d" in done.stdout and "mnist1d_cnn" in done.stdout and "epoch   2/2" in done.stdout
     assert "confusion matrix" in done.stdout
-    for name in ("metrics.jsonl", "curves.png", "config.json", "checkpoints"):
+    for name in ("metrics.jsonl", "curves.png", "config.json", "checkpoints", "results.json"):
         assert (tmp_path / "run" / name).exists()
     evaluated = run_cli("eval", "--out", str(tmp_path / "run"))
     assert evaluated.returncode == 0, evaluated.stderr
-    assert "checkpoint of epoch 2" in evaluated.stdout
+    assert "latest checkpoint: step 80, epoch 2" in evaluated.stdout
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -79,7 +79,8 @@ def test_resume_from_the_command_line_extends_a_run(tmp_path):
     assert run_cli("train", "--epochs", "1", "--out", out).returncode == 0
     done = run_cli("train", "--resume", "--epochs", "2", "--out", out)
     assert done.returncode == 0, done.stderr
-    assert "resuming" in done.stdout and "after epoch 1" in done.stdout and "epoch   2/2" in done.stdout
+    assert "resuming" in done.stdout and "at step 40 (epoch 2, step 1 of 40)" in done.stdout
+    assert "epoch   2/2" in done.stdout
     assert "epoch   1/" not in done.stdout
     missing = run_cli("train", "--resume", "--out", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "no run to resume" in missing.stderr

@@ -1,0 +1,141 @@
+"""Checkpoints keyed by the state's own path names, through Orbax.
+
+A run keeps two folders of checkpoints, each numbered by the global training step:
+
+* ``OUT/checkpoints/`` — the latest two (written at every epoch's end, every ``--checkpoint-every``
+  steps, and when the run is stopped by a signal);
+* ``OUT/best/`` — the one with the best validation accuracy so far (runs with ``--val-split``).
+
+The state is saved as a nested dict whose keys are its tree's path names —
+``params/layers/0/kernel``, ``opt_state/0/mu/layers/0/kernel``, ``step`` — so a checkpoint reads
+back without the live model (:func:`read`), and restoring it into a different model fails by name
+(:func:`restore_into`). Orbax writes each checkpoint into a temporary folder and renames it when
+complete: a process killed mid-write leaves the previous checkpoint as the latest one.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint does not fit the state it is restored into; the message names the paths."""
+
+
+def _key_name(key) -> str:
+    if isinstance(key, DictKey):
+        return str(key.key)
+    if isinstance(key, GetAttrKey):
+        return key.name
+    if isinstance(key, SequenceKey):
+        return str(key.idx)
+    if isinstance(key, FlattenedIndexKey):
+        return str(key.key)
+    raise TypeError(f"cannot name the tree key {key!r}")
+
+
+def path_name(path) -> str:
+    """``(GetAttrKey('params'), DictKey('layers'), DictKey(0), DictKey('kernel'), GetAttrKey('value'))``
+    -> ``'params/layers/0/kernel'`` (an NNX Variable's ``value`` attribute is not part of the name)."""
+    names = [_key_name(k) for k in path]
+    if names and isinstance(path[-1], GetAttrKey) and names[-1] == "value":
+        names.pop()
+    return "/".join(names)
+
+
+def named_leaves(tree) -> dict[str, jax.Array]:
+    """Every leaf of ``tree`` by its path name."""
+    named = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = path_name(path)
+        if name in named:
+            raise ValueError(f"two leaves of the state share the name {name!r}")
+        named[name] = leaf
+    return named
+
+
+def nest(named: dict[str, object]) -> dict:
+    """``{'a/b': x, 'a/c': y}`` -> ``{'a': {'b': x, 'c': y}}``."""
+    root: dict = {}
+    for name, leaf in named.items():
+        *parents, last = name.split("/")
+        node = root
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = leaf
+    return root
+
+
+def flatten(nested: dict, prefix: str = "") -> dict[str, object]:
+    """The inverse of :func:`nest`."""
+    flat = {}
+    for key, value in nested.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def manager(folder: str, *, keep: int):
+    """An Orbax manager of ``folder`` keeping the newest ``keep`` checkpoints; synchronous writes."""
+    import orbax.checkpoint as ocp
+    return ocp.CheckpointManager(
+        os.path.abspath(folder),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True))
+
+
+def save(mgr, step: int, state) -> None:
+    """Write ``state`` as checkpoint ``step`` (a step already saved is left as it is: same step, same state)."""
+    import orbax.checkpoint as ocp
+    if step in mgr.all_steps():
+        return
+    mgr.save(step, args=ocp.args.StandardSave(nest(named_leaves(state))))
+    mgr.wait_until_finished()
+
+
+def read(mgr, step: int | None = None) -> tuple[dict[str, np.ndarray], int | None]:
+    """A checkpoint's arrays by path name, with no live model needed: ``({'params/...': array}, step)``.
+    ``step`` defaults to the latest; ``({}, None)`` when the folder holds none."""
+    import orbax.checkpoint as ocp
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        return {}, None
+    tree = mgr.restore(step, args=ocp.args.StandardRestore())
+    return {name: np.asarray(value) for name, value in flatten(tree).items()}, step
+
+
+def restore_into(template, named: dict[str, np.ndarray], *, where: str = "the checkpoint"):
+    """``template``'s tree with every leaf taken from ``named`` by path name; the shapes and dtypes must match.
+
+    Missing names, extra names and shape or dtype changes raise :class:`CheckpointMismatch` naming them."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    want = {path_name(p): leaf for p, leaf in paths}
+    missing = [n for n in want if n not in named]
+    extra = [n for n in named if n not in want]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"it lacks {_few(missing)}")
+        if extra:
+            parts.append(f"it has {_few(extra)}, which this model does not")
+        raise CheckpointMismatch(f"{where} belongs to a different model or optimizer: {'; '.join(parts)}")
+    leaves = []
+    for name, leaf in want.items():
+        value = named[name]
+        if value.shape != leaf.shape or value.dtype != leaf.dtype:
+            raise CheckpointMismatch(f"{where} holds {name} as {value.dtype}{list(value.shape)}, this model wants "
+                                     f"{leaf.dtype}{list(leaf.shape)}")
+        leaves.append(jnp.asarray(value))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _few(names, k: int = 3) -> str:
+    shown = ", ".join(names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")

@@ -1,0 +1,152 @@
+"""A training run's configuration: the fields, the recipes that fill them, and the checks on them.
+
+``resolve(config)`` fills every unset field from the dataset's recipe (and the model's, where it has
+one) and checks every value; a ``ValueError`` names the flag. ``check_resume(stored, config)`` says
+whether a run may continue under ``config``: only the fields in ``RESUMABLE`` may differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from jaxconv.data import DATASETS
+from jaxconv.models import MODELS
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    dataset: str = "mnist1d"
+    model: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None          # sgd | nesterov | adam | adamw
+    lr: float | None = None
+    schedule: str | None = None           # constant | cosine | onecycle
+    warmup_epochs: float | None = None
+    weight_decay: float | None = None
+    label_smoothing: float | None = None
+    crop: int | None = None               # random-crop padding in pixels (0: off)
+    flip: bool | None = None              # random horizontal flip (2-D only)
+    grad: str = "auto"                    # auto | manual (hand-written backward)
+    dtype: str = "float32"                # compute dtype: float32 | bfloat16
+    seed: int = 0
+    data_dir: str | None = None
+    source: str = "auto"
+    out: str | None = None
+    eval_batch_size: int = 1000
+    val_split: float = 0.0                # share of the training set held out for per-epoch validation
+    test_every_epoch: bool = False        # with a validation split: evaluate the test set every epoch too
+    checkpoint_every: int = 0             # steps between mid-epoch checkpoints (0: at epoch ends only)
+
+
+# Defaults per dataset: `jaxconv train --dataset D` uses these unless a flag says otherwise.
+RECIPES: dict[str, dict[str, Any]] = {
+    "mnist1d": dict(model="mnist1d_cnn", epochs=120, batch_size=100, optimizer="adam", lr=1e-2, schedule="cosine",
+                    warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=4, flip=False),
+    "mnist": dict(model="mnist_cnn", epochs=12, batch_size=64, optimizer="adam", lr=2e-3, schedule="onecycle",
+                  warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=2, flip=False),
+    "fashion_mnist": dict(model="seed_cnn", epochs=15, batch_size=128, optimizer="adam", lr=2e-3, schedule="onecycle",
+                          warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=0, flip=True),
+    "mnist_seg": dict(model="unet_small", epochs=4, batch_size=64, optimizer="adam", lr=3e-3, schedule="onecycle",
+                      warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=0, flip=False),
+    "cifar10": dict(model="convnetjs_cifar", epochs=70, batch_size=128, optimizer="adam", lr=4e-3, schedule="onecycle",
+                    warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=2, flip=True),
+}
+# Where a model wants a different recipe on a dataset than the dataset's default model.
+MODEL_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
+    ("mnist1d", "mnist1d_deep"): dict(epochs=30),
+    # He et al. 2016's optimiser (SGD momentum 0.9, weight decay 5e-4 here, batch 128, 4-pixel crops and
+    # flips) on a 30-epoch one-cycle schedule instead of 164 epochs of step decay.
+    ("cifar10", "resnet20"): dict(epochs=30, optimizer="nesterov", lr=0.1, weight_decay=5e-4, crop=4),
+}
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "onecycle")
+DTYPES = ("float32", "bfloat16", "float64")  # float64 needs jax_enable_x64
+# Fields a resumed run may change: where things are, how long it runs, how it evaluates and checkpoints.
+# (More --epochs stretches a cosine or one-cycle schedule from the step where the run stopped.)
+RESUMABLE = ("epochs", "out", "data_dir", "eval_batch_size", "checkpoint_every")
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill unset fields from the dataset's recipe and check every value; ``ValueError`` names the flag."""
+    if config.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {config.dataset!r}; choose from {', '.join(DATASETS)}")
+    recipe = dict(RECIPES[config.dataset])
+    recipe.update(MODEL_RECIPES.get((config.dataset, config.model or recipe["model"]), {}))
+    filled = dataclasses.replace(config, **{k: v for k, v in recipe.items() if getattr(config, k) is None})
+    checks = [
+        (filled.model in MODELS, f"unknown model {filled.model!r}; choose from {', '.join(MODELS)}"),
+        (filled.epochs >= 0, f"--epochs must be >= 0, got {filled.epochs}"),
+        (filled.batch_size >= 1, f"--batch-size must be >= 1, got {filled.batch_size}"),
+        (filled.optimizer in OPTIMIZERS, f"unknown optimizer {filled.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"),
+        (filled.lr > 0, f"--lr must be > 0, got {filled.lr}"),
+        (filled.schedule in SCHEDULES, f"unknown schedule {filled.schedule!r}; choose from {', '.join(SCHEDULES)}"),
+        (filled.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {filled.warmup_epochs}"),
+        (filled.warmup_epochs == 0 or filled.warmup_epochs < filled.epochs,
+         f"--warmup-epochs {filled.warmup_epochs} is not shorter than the run ({filled.epochs} epochs)"),
+        (filled.warmup_epochs == 0 or filled.schedule != "constant",
+         "--warmup-epochs needs --schedule cosine or onecycle (the constant schedule has no warm-up)"),
+        (filled.weight_decay >= 0, f"--weight-decay must be >= 0, got {filled.weight_decay}"),
+        (0 <= filled.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {filled.label_smoothing}"),
+        (filled.crop >= 0, f"--crop must be >= 0, got {filled.crop}"),
+        (filled.grad in ("auto", "manual"), f"--grad must be auto or manual, got {filled.grad!r}"),
+        (filled.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {filled.dtype!r}"),
+        (filled.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {filled.eval_batch_size}"),
+        (0 <= filled.val_split < 1, f"--val-split must be in [0, 1), got {filled.val_split}"),
+        (filled.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 steps, got {filled.checkpoint_every}"),
+        (not filled.test_every_epoch or filled.val_split > 0,
+         "--test-every-epoch adds the test set to the per-epoch validation; without --val-split the test set "
+         "already is what every epoch evaluates"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    info, spec = DATASETS[filled.dataset], MODELS[filled.model]
+    if spec.dense != info.per_pixel:
+        fitting = [d for d in DATASETS if DATASETS[d].per_pixel == spec.dense]
+        raise ValueError(f"{filled.model} predicts {'a class per position' if spec.dense else 'one class per example'} "
+                         f"and {filled.dataset} labels {'every pixel' if info.per_pixel else 'whole examples'}; "
+                         f"datasets for it: {', '.join(fitting)}")
+    if info.per_pixel and (filled.crop or filled.flip):
+        raise ValueError(f"--crop and --flip move pixels away from their per-pixel labels; {filled.dataset} takes "
+                         f"--crop 0 --no-flip")
+    if filled.flip and len(info.input_shape) != 3:
+        raise ValueError(f"--flip mirrors images left to right; {filled.dataset}'s examples are "
+                         f"{len(info.input_shape) - 1}-D: give --no-flip")
+    if filled.out is None:
+        filled.out = os.path.join("runs", f"{filled.dataset}_{filled.model}_s{filled.seed}")
+    return filled
+
+
+def check_resume(stored: TrainConfig, config: TrainConfig) -> None:
+    """``ValueError`` naming the first field outside ``RESUMABLE`` whose value differs (both resolved)."""
+    for field in dataclasses.fields(TrainConfig):
+        old, new = getattr(stored, field.name), getattr(config, field.name)
+        if field.name not in RESUMABLE and old != new:
+            raise ValueError(f"--resume: {flag(field.name)} is {new!r} but the run in {config.out} was made with "
+                             f"{old!r}; a resumed run keeps its settings (only {', '.join(map(flag, RESUMABLE))} "
+                             f"may change) - start a new run in another --out to change it")
+
+
+def from_dict(stored: dict, where: str) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise ValueError(f"{where} has settings this jaxconv does not know ({', '.join(unknown)}): "
+                         f"was it written by another version?")
+    return TrainConfig(**stored)
+
+
+def describe(config: TrainConfig) -> str:
+    """Every choice that changes results, in one line."""
+    aug = [f"crop {config.crop}px"] if config.crop else []
+    aug += ["flip"] if config.flip else []
+    warm = f", {config.warmup_epochs:g} warm-up epochs" if config.warmup_epochs else ""
+    return (f"{config.optimizer} lr {config.lr:g} {config.schedule}{warm}; weight decay {config.weight_decay:g}; "
+            f"label smoothing {config.label_smoothing:g}; augmentation {', '.join(aug) or 'none'}; "
+            f"grad={config.grad} dtype={config.dtype} seed {config.seed}")

@@ -1,0 +1,169 @@
+"""The compiled pieces of training: the state, the optimizer, on-device batches, train and eval steps.
+
+The state is a pytree (params, model state such as batch statistics, optimizer state, step, key, and
+the running sums of the current epoch's training loss and accuracy, so that a run resumed mid-epoch
+reports the same epoch metrics). Each step gathers its batch from the on-device arrays by index,
+augments it inside ``jit`` and applies an Optax update; nothing crosses the host boundary but indices.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxconv import compiler
+from jaxconv import functional as F
+from jaxconv.config import TrainConfig
+from jaxconv.models import create_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64 needs jax_enable_x64
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: Any
+    model_state: Any      # everything of the model that is not a Param: batch statistics, dropout RNG
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array        # the run's base key (raw uint32[2]); per-step keys are folded from it
+    loss_sum: jax.Array   # the current epoch's summed training loss, and its summed correct share
+    correct_sum: jax.Array
+
+    def new_epoch(self) -> "TrainState":
+        return self.replace(loss_sum=jnp.zeros_like(self.loss_sum), correct_sum=jnp.zeros_like(self.correct_sum))
+
+
+def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate at each step: constant; cosine decay (after a linear warm-up if one is given);
+    one-cycle (up for 25 % of the run, or for the warm-up given, then cosine down)."""
+    total = max(config.epochs * steps_per_epoch, 1)
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.lr)
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0 if warmup else config.lr, config.lr, warmup, total)
+    return optax.cosine_onecycle_schedule(total, config.lr, pct_start=(warmup / total) if warmup else 0.25)
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    lr = make_schedule(config, steps_per_epoch)
+    if config.optimizer in ("sgd", "nesterov"):
+        tx = optax.sgd(lr, momentum=0.9, nesterov=config.optimizer == "nesterov")
+        return optax.chain(optax.add_decayed_weights(config.weight_decay), tx) if config.weight_decay else tx
+    if config.optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=config.weight_decay)
+    tx = optax.adam(lr)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay), tx) if config.weight_decay else tx
+
+
+# --------------------------------------------------------------------------- on-device batches
+
+
+def normalise(x, mean, std):
+    """uint8 pixels -> (x / 255 - mean) / std; float data -> (x - mean) / std (in ``mean``'s dtype)."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        x = x.astype(mean.dtype) / 255.0
+    return (x.astype(mean.dtype) - mean) / std
+
+
+def augment(key, x, *, crop: int, flip: bool):
+    """Random crop of every spatial axis after zero padding by ``crop``; random horizontal flip (2-D)."""
+    if crop:
+        n_sp = x.ndim - 2
+        key, sub = jax.random.split(key)
+        padded = jnp.pad(x, [(0, 0)] + [(crop, crop)] * n_sp + [(0, 0)])
+        offsets = jax.random.randint(sub, (x.shape[0], n_sp), 0, 2 * crop + 1)
+        take = lambda img, off: jax.lax.dynamic_slice(img, (*off, 0), x.shape[1:])
+        x = jax.vmap(take)(padded, offsets)
+    if flip and x.ndim == 4:
+        mirror = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
+        x = jnp.where(mirror, x[:, :, ::-1], x)
+    return x
+
+
+def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info):
+    real = jnp.float64 if config.dtype == "float64" else jnp.float32
+    mean, std = jnp.asarray(info.mean, real), jnp.asarray(info.std, real)
+
+    def train_step(state: TrainState, images, labels, order, i):
+        idx = jax.lax.dynamic_index_in_dim(order, i, keepdims=False)
+        x, y = normalise(images[idx], mean, std), labels[idx]
+        x = augment(jax.random.fold_in(state.key, state.step), x, crop=config.crop, flip=config.flip)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef_train, params, state.model_state, copy=True)
+            logits = model(x).astype(real)
+            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        correct = jnp.sum(jnp.argmax(logits, -1) == y) / math.prod(y.shape[1:])
+        new = state.replace(params=optax.apply_updates(state.params, updates), model_state=model_state,
+                            opt_state=opt_state, step=state.step + 1,
+                            loss_sum=state.loss_sum + loss.astype(state.loss_sum.dtype),
+                            correct_sum=state.correct_sum + correct.astype(state.correct_sum.dtype))
+        return new, loss
+
+    def eval_step(state: TrainState, images, labels, idx, mask):
+        model = nnx.merge(graphdef_eval, state.params, state.model_state)
+        logits = model(normalise(images[idx], mean, std)).astype(real)
+        y = labels[idx]
+        mask_y = mask.reshape(mask.shape + (1,) * (y.ndim - 1))  # per-position labels: mask every position
+        positions = math.prod(y.shape[1:])
+        losses = F.cross_entropy(logits, y, reduction="none")
+        pred = jnp.argmax(logits, -1)
+        return jnp.sum(losses * mask_y) / positions, jnp.sum((pred == y) * mask_y) / positions, pred
+
+    return compiler.jit(train_step, donate_argnums=0), compiler.jit(eval_step)
+
+
+def evaluate(eval_step, state, images, labels, batch_size: int):
+    """Loss, accuracy and predictions over every example: the last batch is padded and masked."""
+    n = int(labels.shape[0])
+    batch_size = min(batch_size, n)
+    steps = math.ceil(n / batch_size)
+    idx = np.zeros(steps * batch_size, np.int32)
+    idx[:n] = np.arange(n)
+    mask = np.zeros(steps * batch_size, np.float32)
+    mask[:n] = 1
+    idx, mask = jnp.asarray(idx.reshape(steps, batch_size)), jnp.asarray(mask.reshape(steps, batch_size))
+    loss_sum, correct, preds = 0.0, 0, []
+    for s in range(steps):
+        l, c, p = eval_step(state, images, labels, idx[s], mask[s])
+        loss_sum, correct = loss_sum + l, correct + c
+        preds.append(p)
+    preds = np.asarray(jnp.concatenate(preds))[:n]
+    return float(loss_sum) / n, float(correct) / n, preds
+
+
+def confusion_matrix(labels, preds, num_classes: int):
+    m = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(m, (np.asarray(labels), np.asarray(preds)), 1)
+    return m
+
+
+def build_model(config: TrainConfig, input_shape, num_classes: int):
+    """The run's model, as ``create_model`` builds it from the config (float64 parameters for float64 runs)."""
+    return create_model(config.model, input_shape=input_shape, num_classes=num_classes, grad=config.grad,
+                        dtype=DTYPES[config.dtype] if config.dtype == "bfloat16" else None,
+                        param_dtype=jnp.float64 if config.dtype == "float64" else jnp.float32, seed=config.seed)
+
+
+def init_state(config: TrainConfig, input_shape, num_classes: int, steps_per_epoch: int):
+    model = build_model(config, input_shape, num_classes)
+    model.train()
+    graphdef_train, params, model_state = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    graphdef_eval = nnx.graphdef(model)
+    tx = make_optimizer(config, steps_per_epoch)
+    real = jnp.float64 if config.dtype == "float64" else jnp.float32
+    state = TrainState(params, model_state, tx.init(params), jnp.zeros((), jnp.int32),
+                       jax.random.PRNGKey(config.seed), jnp.zeros((), real), jnp.zeros((), real))
+    return state, graphdef_train, graphdef_eval, tx
