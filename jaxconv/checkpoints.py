@@ -14,6 +14,7 @@ complete: a process killed mid-write leaves the previous checkpoint as the lates
 """
 from __future__ import annotations
 
+import errno
 import os
 
 import jax
@@ -96,8 +97,13 @@ def save(mgr, step: int, state) -> None:
     import orbax.checkpoint as ocp
     if step in mgr.all_steps():
         return
-    mgr.save(step, args=ocp.args.StandardSave(nest(named_leaves(state))))
-    mgr.wait_until_finished()
+    try:
+        mgr.save(step, args=ocp.args.StandardSave(nest(named_leaves(state))))
+        mgr.wait_until_finished()
+    except Exception as err:  # Orbax reports a full disk as a ValueError from its writer threads
+        if "No space left on device" in str(err) or "os_error_code='28'" in str(err):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(mgr.directory)) from None
+        raise
 
 
 def read(mgr, step: int | None = None) -> tuple[dict[str, np.ndarray], int | None]:

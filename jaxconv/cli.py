@@ -194,6 +194,11 @@ def _gradcheck(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+    # Orbax logs a failed write's traceback from each of its threads before it raises the error, which
+    # is answered below in one line; JAXCONV_DEBUG=1 keeps those logs.
+    if not os.environ.get("JAXCONV_DEBUG"):
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     commands = {"train": _train, "eval": _eval, "predict": _predict, "summary": _summary, "gradcheck": _gradcheck}
     try:
         return commands[args.command](args)

@@ -209,7 +209,7 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, d
             at = (epoch + 1) * steps
             record = dict(epoch=epoch + 1, step=at, lr=float(schedule(at - 1)),
                           train_loss=float(state.loss_sum) / steps,
-                          train_accuracy=float(state.correct_sum) / steps)
+                          train_accuracy=float(state.correct_sum) / (steps * batch))
             for name, arrays in per_epoch.items():
                 record[f"{name}_loss"], record[f"{name}_accuracy"], _ = evaluate_on(arrays, state)
             record.update(images_per_s=(steps - first) * batch / train_time, wall_s=time.perf_counter() - wall_start)

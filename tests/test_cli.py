@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxconv.cli import main
@@ -84,3 +85,64 @@ def test_resume_from_the_command_line_extends_a_run(tmp_path):
     assert "epoch   1/" not in done.stdout
     missing = run_cli("train", "--resume", "--out", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "no run to resume" in missing.stderr
+
+
+@pytest.mark.parametrize("out, message", [
+    ("FILE", "--out {tmp}/FILE is a file, not a folder"),
+    ("FILE/run", "--out {tmp}/FILE/run cannot be created: {tmp}/FILE is a file, not a folder"),
+])
+def test_an_unusable_out_folder_is_one_line_before_any_work(tmp_path, capsys, out, message):
+    (tmp_path / "FILE").write_text("a user's file")
+    assert main(["train", "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"jaxconv train: error: {message.format(tmp=tmp_path)}\n"
+    assert (tmp_path / "FILE").read_text() == "a user's file"
+
+
+def test_failures_a_user_meets_are_one_line(tmp_path):
+    import errno
+    import jax
+    from jaxconv.cli import explain
+    from jaxconv.train import _explain_out_of_memory
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/a/metrics.jsonl.tmp")
+    assert explain(full) == ("error: No space left on device (/runs/a/metrics.jsonl.tmp); free some space or "
+                             "choose another --out, then --resume", 1)
+    with pytest.raises(Exception) as info:
+        with _explain_out_of_memory("training", "--batch-size", 512):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB.")
+    assert explain(info.value) == ("error: the device ran out of memory in a training step of batch size 512; "
+                                   "try --batch-size 256", 1)
+    with pytest.raises(jax.errors.JaxRuntimeError):  # any other runtime error is not dressed up as memory
+        with _explain_out_of_memory("training", "--batch-size", 512):
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+    assert explain(RuntimeError("a bug")) == (None, 0)  # bugs keep their traceback
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path):
+    """A real full disk: a 200 KiB tmpfs (needs root to mount; skipped where it cannot be mounted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        done = run_cli("train", "--epochs", "30", "--out", str(disk / "run"))
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert done.stderr.count("\n") == 1 and "No space left on device" in done.stderr, done.stderr
+        assert done.stderr.endswith("free some space or choose another --out, then --resume\n")
+        epochs_done = len((disk / "run" / "metrics.jsonl").read_text().splitlines())
+        assert epochs_done >= 1
+        subprocess.run(["cp", "-r", str(disk / "run"), str(tmp_path / "moved")], check=True)
+    finally:
+        subprocess.run(["umount", str(disk)])
+    resumed = run_cli("train", "--resume", "--epochs", "3", "--out", str(tmp_path / "moved"))
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_a_corrupt_mnist1d_cache_is_made_again(tmp_path):
+    (tmp_path / "mnist1d.npz").write_bytes(b"PK\x03\x04 torn")
+    with pytest.warns(UserWarning, match="the cache .*mnist1d.npz is unreadable"):
+        from jaxconv.data import generate_mnist1d
+        train, test = generate_mnist1d(str(tmp_path))
+    assert (len(train), len(test)) == (4000, 1000)
+    again, _ = generate_mnist1d(str(tmp_path))  # the cache was replaced by a readable one
+    np.testing.assert_array_equal(again.images, train.images)

@@ -214,3 +214,36 @@ def test_a_run_folder_is_never_replaced_without_consent(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     assert json.load(open(tmp_path / "run" / "config.json"))["seed"] == 3
     assert not (tmp_path / "run" / "config.json.tmp").exists()
+
+
+def test_epoch_train_metrics_are_the_mean_over_every_step_of_the_epoch(tmp_path):
+    """With a learning rate too small to move the weights and no augmentation, an epoch's training loss and
+    accuracy are those of the initial model over the whole training set, computed here independently:
+    the bare network on NumPy-normalised inputs, cross-entropy and argmax in NumPy."""
+    import jaxconv
+    data = subset(load_dataset("mnist1d"), 600, 100)
+    history = fit(TrainConfig(epochs=1, lr=1e-30, schedule="constant", crop=0, batch_size=100, out=str(tmp_path)),
+                  dataset=data, log=quiet)
+    module = jaxconv.load(str(tmp_path)).module
+    logits = np.asarray(module(jnp.asarray(data.train.images)), np.float64)  # MNIST-1D: mean 0, std 1
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    loss = -np.mean(log_p[np.arange(600), data.train.labels])
+    assert history[0]["train_loss"] == pytest.approx(loss, rel=1e-5)
+    assert history[0]["train_accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == data.train.labels), abs=1e-9)
+    assert history[0]["lr"] == pytest.approx(1e-30)
+
+
+def test_resolve_rejects_settings_that_do_not_apply():
+    for bad, message in [
+        (dict(warmup_epochs=-1), "--warmup-epochs must be >= 0, got -1"),
+        (dict(epochs=5, warmup_epochs=5), r"--warmup-epochs 5 is not shorter than the run \(5 epochs\)"),
+        (dict(schedule="constant", warmup_epochs=1), "--warmup-epochs needs --schedule cosine or onecycle"),
+        (dict(flip=True), "--flip mirrors images left to right; mnist1d's examples are 1-D: give --no-flip"),
+        (dict(val_split=1.0), r"--val-split must be in \[0, 1\), got 1.0"),
+        (dict(test_every_epoch=True), "--test-every-epoch adds the test set to the per-epoch validation"),
+        (dict(checkpoint_every=-2), "--checkpoint-every must be >= 0 steps, got -2"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            resolve(TrainConfig(**bad))
+    assert resolve(TrainConfig(epochs=5, warmup_epochs=4.5)).warmup_epochs == 4.5
