@@ -1,4 +1,6 @@
-"""Gradient tests run in float64; every test builds float32 arrays explicitly where it means float32."""
+"""Tests run as production runs: float32, jax_enable_x64 off. Tests that compare gradients or ops to
+float64 references carry ``@pytest.mark.x64`` (or a module-level ``pytestmark``), which turns float64 on
+for that test alone."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
@@ -6,9 +8,24 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_enable_x64", True)
-
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "x64: run this test with jax_enable_x64 (float64 arrays)")
+
+
+@pytest.fixture(autouse=True)
+def _float64_where_marked(request):
+    if request.node.get_closest_marker("x64") is None:
+        assert not jax.config.jax_enable_x64, "a test left jax_enable_x64 on"
+        yield
+        return
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)
 
 
 @pytest.fixture

@@ -215,6 +215,7 @@ def test_causal_conv_sees_no_future(rng):
 # ----------------------------------------------------------------------------- dense, activations, losses
 
 
+@pytest.mark.x64  # compared with float64 NumPy at 1e-12
 def test_dense_relu_flatten_global_pool(rng):
     x = rng.normal(size=(3, 4)).astype(np.float32)
     w = rng.normal(size=(4, 5)).astype(np.float32)
@@ -253,6 +254,7 @@ def test_cross_entropy_huge_logits_finite():
     assert np.isfinite(float(F.cross_entropy(z, jnp.array([1]))))
 
 
+@pytest.mark.x64  # compared with float64 NumPy at 1e-12
 def test_batch_norm_and_dropout(rng):
     x = jnp.asarray(rng.normal(size=(8, 3, 4)) * 3 + 1)
     y = F.batch_norm_train(x, jnp.ones(4), jnp.zeros(4))

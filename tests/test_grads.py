@@ -16,6 +16,8 @@ from jaxconv.backprop import manual_value_and_grad
 
 PER_OP = 12  # random configurations per op (x 20 ops), 1-D and 2-D alternating; the experiment runs more
 
+pytestmark = pytest.mark.x64  # float64 references at tight tolerances
+
 
 def test_every_vjp_matches_jax_vjp_on_random_configurations(rng):
     worst, counts = {}, {}

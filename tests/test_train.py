@@ -125,6 +125,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
 
 
+@pytest.mark.x64
 def test_manual_and_auto_training_agree_step_by_step():
     data = subset(load_dataset("mnist1d"), 500, 100)
     losses = {}

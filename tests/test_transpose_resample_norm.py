@@ -13,6 +13,8 @@ from jaxconv import grads as G
 from jaxconv import gradcheck as GC
 from jaxconv.gradcheck import rel_error
 
+pytestmark = pytest.mark.x64  # float64 references at tight tolerances
+
 
 def conv_transpose_loop(x, w, b, stride, pads, output_padding, dilation, groups):
     """Scatter definition: input x[i] adds x[i] * w[k] to output position i*S + k*D - P_lo."""
