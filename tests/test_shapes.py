@@ -135,3 +135,68 @@ def test_a_layer_that_cannot_count_is_an_error_not_zero():
     model = L.Sequential([L.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0)), Mystery()], input_shape=(8, 8, 1))
     with pytest.raises(NotImplementedError, match="Mystery does not implement `flops"):
         summary(model)
+
+
+LENET5_TABLE = """\
+----------------------------------------------------------
+layer       output shape  params    FLOPs  receptive field
+----------------------------------------------------------
+0: Conv     (28, 28, 6)      156  220,176  5x5            
+1: ReLU     (28, 28, 6)        0    4,704  5x5            
+2: AvgPool  (14, 14, 6)        0    4,704  6x6            
+3: Conv     (10, 10, 16)   2,416  481,600  14x14          
+4: ReLU     (10, 10, 16)       0    1,600  14x14          
+5: AvgPool  (5, 5, 16)         0    1,600  16x16          
+6: Flatten  (400,)             0        0  global         
+7: Dense    (120,)        48,120   96,120  global         
+8: ReLU     (120,)             0      120  global         
+9: Dense    (84,)         10,164   20,244  global         
+10: ReLU    (84,)              0       84  global         
+11: Dense   (10,)            850    1,690  global         
+----------------------------------------------------------
+lenet5: input (28, 28, 1)
+total params: 61,706
+total FLOPs per example (forward): 832,642"""
+
+
+def test_the_summary_table_of_lenet5_word_for_word():
+    """Checked by hand: params 5*5*1*6+6, 5*5*6*16+16, 400*120+120, 120*84+84, 84*10+10; fields 5, 5+1,
+    6+4*2, 14+1*2; a ReLU or pool costs one FLOP per output value; a Dense 2*in*out + out; the first
+    conv's taps on its zero padding are not counted: along each axis the 28 outputs see 3, 4, 5 (x24), 4, 3
+    real pixels, 134 in all, so 2 * 6 channels * 134**2 multiply-adds + 4,704 bias adds."""
+    assert str(summary(create_model("lenet5"))) == LENET5_TABLE
+    assert 2 * 6 * (3 + 4 + 5 * 24 + 4 + 3) ** 2 + 28 * 28 * 6 == 220_176
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(size=0, kernel=3), "conv_output_size: `size` must be an int >= 1, got 0"),
+    (dict(size=7, kernel=0), "conv_output_size: `kernel` must be an int >= 1, got 0"),
+    (dict(size=7, kernel=3, stride=1.0), "conv_output_size: `stride` must be an int >= 1, got 1.0"),
+    (dict(size=7, kernel=3, dilation=0), "conv_output_size: `dilation` must be an int >= 1, got 0"),
+    (dict(size=7, kernel=3, padding=(1, -1)), "conv_output_size: `padding` must be >= 0, got (1, -1)"),
+    (dict(size=7, kernel=3, padding=(-1, 1)), "conv_output_size: `padding` must be >= 0, got (-1, 1)"),
+    (dict(size=2, kernel=3, padding=(0, 0)), "conv_output_size: effective kernel 3 is larger than the padded input 2"),
+    (dict(size=8, kernel=3, stride=3, padding=1, strict=True),
+     "conv_output_size: the filter does not tile the input: (8 + 2 - 3)/3 + 1 = 3.33, not an integer"),
+    (dict(size=9, kernel=3, stride=3, padding=(1, 0), strict=True),
+     "conv_output_size: the filter does not tile the input: (9 + 1 - 3)/3 + 1 = 3.33, not an integer"),
+])
+def test_conv_output_size_names_every_bad_argument(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        conv_output_size(**kwargs)
+    assert str(err.value) == message
+
+
+def test_receptive_field_of_a_model_without_spatial_layers_and_without_an_input_shape():
+    from flax import nnx
+    from jaxconv import layers as L
+    rngs = nnx.Rngs(0)
+    head = L.Sequential([L.Flatten(), L.Dense(12, 3, rngs=rngs)])
+    with pytest.raises(ValueError, match=re.escape("receptive_field/summary: pass `input_shape` (per example, e.g. "
+                                                   "(28, 28, 1)) for a model built without one")):
+        receptive_field(head)
+    assert receptive_field(head, (2, 2, 3)) == (1, 1)  # nothing spatial: each output sees one pixel per axis
+    assert receptive_field(L.Sequential([L.Flatten(), L.Dense(12, 3, rngs=rngs)], input_shape=(12, 1))) == (1,)
+    conv = L.Sequential([L.Conv(1, 2, (3, 3), rngs=rngs)])
+    assert receptive_field(conv, (9, 9, 1)) == (3, 3)
+    assert summary(conv, (9, 9, 1)).rows[0].output_shape == (7, 7, 2)  # the shape given is the one used
