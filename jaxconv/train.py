@@ -127,6 +127,11 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, d
     :data:`jaxconv.config.RESUMABLE` must match its ``config.json``); ``overwrite`` replaces it.
     """
     config = resolve(config)
+    with _StopSignals() as signals:  # from here on, SIGINT/SIGTERM are answered between steps
+        return _fit(config, resume, overwrite, dataset, log, signals)
+
+
+def _fit(config, resume, overwrite, dataset, log, signals):
     out = config.out
     existing = runs.claim(out, resume=resume, overwrite=overwrite)
     if resume:
@@ -182,49 +187,52 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, d
         log(f"resuming {out} at step {start} (epoch {start // steps + 1}, step {start % steps + 1} of {steps})")
     progress = _Progress(sys.stderr)
     wall_start = time.perf_counter() - (history[-1]["wall_s"] if history else 0.0)
-    with _StopSignals() as signals:
-        for epoch in range(start // steps, config.epochs):
-            first = start - epoch * steps if epoch == start // steps else 0
-            if first == 0:
-                state = state.new_epoch()
-            order = jax.random.permutation(jax.random.fold_in(state.key, epoch), n_train)[: steps * batch]
-            order = order.reshape(steps, batch)
-            t0, losses, checked = time.perf_counter(), [], 0
-            for i in range(first, steps):
-                with _explain_out_of_memory("training", "--batch-size", batch):
-                    state, loss = train_step(state, train_x, train_y, order, i)
-                losses.append(loss)
-                progress.update(epoch + 1, config.epochs, i + 1, steps)
-                at = epoch * steps + i + 1
-                if i + 1 < steps and (signals.caught or (config.checkpoint_every and at % config.checkpoint_every == 0)):
-                    _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, latest, out)
-                    checked = len(losses)
-                    ckpt.save(latest, at, state)
-                    if signals.caught:
-                        progress.clear()
-                        raise _stopped(signals.caught, out, at, epoch, i + 1, steps)
-            train_time = time.perf_counter() - t0
-            progress.clear()
-            _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, latest, out)
-            at = (epoch + 1) * steps
-            record = dict(epoch=epoch + 1, step=at, lr=float(schedule(at - 1)),
-                          train_loss=float(state.loss_sum) / steps,
-                          train_accuracy=float(state.correct_sum) / (steps * batch))
-            for name, arrays in per_epoch.items():
-                record[f"{name}_loss"], record[f"{name}_accuracy"], _ = evaluate_on(arrays, state)
-            record.update(images_per_s=(steps - first) * batch / train_time, wall_s=time.perf_counter() - wall_start)
-            history.append(record)
-            runs.write_metrics(out, history)
-            if val and record["val_accuracy"] > best_accuracy:
-                best_accuracy = record["val_accuracy"]
-                ckpt.save(best, at, state)
-            ckpt.save(latest, at, state)
-            log(f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f} acc "
-                f"{record['train_accuracy']:.4f}  " + "  ".join(
-                    f"{n} loss {record[n + '_loss']:.4f} acc {record[n + '_accuracy']:.4f}" for n in per_epoch)
-                + f"  {record['images_per_s']:,.0f} img/s  {record['wall_s']:.1f}s")
-            if signals.caught and epoch + 1 < config.epochs:
-                raise _stopped(signals.caught, out, at, epoch, steps, steps)
+    if signals.caught:
+        name = signal.Signals(signals.caught).name
+        raise Stopped(f"stopped by {name} before the first training step of this process; continue with: "
+                      f"jaxconv train --out {out} --resume", signals.caught)
+    for epoch in range(start // steps, config.epochs):
+        first = start - epoch * steps if epoch == start // steps else 0
+        if first == 0:
+            state = state.new_epoch()
+        order = jax.random.permutation(jax.random.fold_in(state.key, epoch), n_train)[: steps * batch]
+        order = order.reshape(steps, batch)
+        t0, losses, checked = time.perf_counter(), [], 0
+        for i in range(first, steps):
+            with _explain_out_of_memory("training", "--batch-size", batch):
+                state, loss = train_step(state, train_x, train_y, order, i)
+            losses.append(loss)
+            progress.update(epoch + 1, config.epochs, i + 1, steps)
+            at = epoch * steps + i + 1
+            if i + 1 < steps and (signals.caught or (config.checkpoint_every and at % config.checkpoint_every == 0)):
+                _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, latest, out)
+                checked = len(losses)
+                ckpt.save(latest, at, state)
+                if signals.caught:
+                    progress.clear()
+                    raise _stopped(signals.caught, out, at, epoch, i + 1, steps)
+        train_time = time.perf_counter() - t0
+        progress.clear()
+        _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, latest, out)
+        at = (epoch + 1) * steps
+        record = dict(epoch=epoch + 1, step=at, lr=float(schedule(at - 1)),
+                      train_loss=float(state.loss_sum) / steps,
+                      train_accuracy=float(state.correct_sum) / (steps * batch))
+        for name, arrays in per_epoch.items():
+            record[f"{name}_loss"], record[f"{name}_accuracy"], _ = evaluate_on(arrays, state)
+        record.update(images_per_s=(steps - first) * batch / train_time, wall_s=time.perf_counter() - wall_start)
+        history.append(record)
+        runs.write_metrics(out, history)
+        if val and record["val_accuracy"] > best_accuracy:
+            best_accuracy = record["val_accuracy"]
+            ckpt.save(best, at, state)
+        ckpt.save(latest, at, state)
+        log(f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f} acc "
+            f"{record['train_accuracy']:.4f}  " + "  ".join(
+                f"{n} loss {record[n + '_loss']:.4f} acc {record[n + '_accuracy']:.4f}" for n in per_epoch)
+            + f"  {record['images_per_s']:,.0f} img/s  {record['wall_s']:.1f}s")
+        if signals.caught and epoch + 1 < config.epochs:
+            raise _stopped(signals.caught, out, at, epoch, steps, steps)
     if history:
         _finish(config, state, history, info, data, test, evaluate_on, best, log)
     for manager in (latest, best):

@@ -15,8 +15,8 @@ from jaxconv.train import TrainConfig, fit, init_state, resolve
 from tests.kill_chain import differences, kill_chain, outcome, timed, train
 from tests.test_train import quiet, subset
 
-# MNIST-1D, 4 epochs of 36 steps, a validation split (so a best checkpoint too), a checkpoint every 5 steps.
-ARGS = ["--epochs", "4", "--checkpoint-every", "5", "--val-split", "0.1"]
+# MNIST-1D, 6 epochs of 36 steps, a validation split (so a best checkpoint too), a checkpoint every 5 steps.
+ARGS = ["--epochs", "6", "--checkpoint-every", "5", "--val-split", "0.1"]
 
 
 def test_killed_at_random_moments_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
@@ -25,16 +25,19 @@ def test_killed_at_random_moments_the_resumed_run_equals_an_uninterrupted_one(tm
     matrix and every array of the latest and best checkpoints equal those of a run never interrupted."""
     (rc, _, err), seconds = timed(train, [*ARGS, "--out", str(tmp_path / "full")])
     assert rc == 0, err
-    attempts = kill_chain(str(tmp_path / "chain"), ARGS, kills=6, window=(1.5, 0.8 * seconds), seed=1,
+    attempts = kill_chain(str(tmp_path / "chain"), ARGS, kills=6, window=(1.5, 0.5 * seconds), seed=1,
                           signals=(signal.SIGKILL, signal.SIGTERM))
     assert attempts[-1]["returncode"] == 0, attempts[-1]["stderr"]
-    assert len(attempts) >= 4  # at least three kills landed before the run could finish
+    assert len(attempts) >= 3  # at least two kills landed before the run could finish (the load varies)
     for a in attempts[:-1]:
-        if a["signal"] == "SIGTERM" and a["returncode"] == 143:  # caught in training: one line, how to resume
-            assert a["stderr_tail"].startswith("jaxconv train: stopped by SIGTERM after step ")
-            assert a["stderr_tail"].endswith(f"continue with: jaxconv train --out {tmp_path / 'chain'} --resume")
-        else:  # killed outright, or SIGTERM before training began (the default action)
-            assert a["returncode"] in (-9, -15), a
+        if a["signal"] == "SIGTERM" and a["returncode"] == -15:  # while Python was still importing jaxconv
+            assert a["stdout"] == "" and not os.path.exists(tmp_path / "chain" / "checkpoints" / "1"), a
+        elif a["signal"] == "SIGTERM":  # one line; in training, after a checkpoint, with how to resume
+            assert a["returncode"] == 143 and a["stderr"].count("\n") == 1, a
+            assert a["stderr_tail"].startswith("jaxconv train: stopped by SIGTERM ")
+            assert a["stderr_tail"].endswith(f"continue with: jaxconv train --out {tmp_path / 'chain'} --resume"), a
+        else:
+            assert a["returncode"] == -9, a
     assert differences(outcome(str(tmp_path / "full")), outcome(str(tmp_path / "chain"))) == []
 
 
