@@ -175,7 +175,7 @@ def test_the_summary_table_of_lenet5_word_for_word():
     (dict(size=7, kernel=3, dilation=0), "conv_output_size: `dilation` must be an int >= 1, got 0"),
     (dict(size=7, kernel=3, padding=(1, -1)), "conv_output_size: `padding` must be >= 0, got (1, -1)"),
     (dict(size=7, kernel=3, padding=(-1, 1)), "conv_output_size: `padding` must be >= 0, got (-1, 1)"),
-    (dict(size=2, kernel=3, padding=(0, 0)), "conv_output_size: effective kernel 3 is larger than the padded input 2"),
+    (dict(size=2, kernel=5, padding=(1, 1)), "conv_output_size: effective kernel 5 is larger than the padded input 4"),
     (dict(size=8, kernel=3, stride=3, padding=1, strict=True),
      "conv_output_size: the filter does not tile the input: (8 + 2 - 3)/3 + 1 = 3.33, not an integer"),
     (dict(size=9, kernel=3, stride=3, padding=(1, 0), strict=True),
@@ -197,6 +197,8 @@ def test_receptive_field_of_a_model_without_spatial_layers_and_without_an_input_
         receptive_field(head)
     assert receptive_field(head, (2, 2, 3)) == (1, 1)  # nothing spatial: each output sees one pixel per axis
     assert receptive_field(L.Sequential([L.Flatten(), L.Dense(12, 3, rngs=rngs)], input_shape=(12, 1))) == (1,)
+    with pytest.raises(ValueError, match="pass `input_shape`"):  # a bare leaf has no input_shape attribute at all
+        summary(L.Conv(1, 2, (3, 3), rngs=rngs))
     conv = L.Sequential([L.Conv(1, 2, (3, 3), rngs=rngs)])
     assert receptive_field(conv, (9, 9, 1)) == (3, 3)
     assert summary(conv, (9, 9, 1)).rows[0].output_shape == (7, 7, 2)  # the shape given is the one used
