@@ -84,12 +84,22 @@ def flatten(nested: dict, prefix: str = "") -> dict[str, object]:
 
 
 def manager(folder: str, *, keep: int):
-    """An Orbax manager of ``folder`` keeping the newest ``keep`` checkpoints; synchronous writes."""
+    """The writer's Orbax manager of ``folder``: keeps the newest ``keep`` checkpoints, writes synchronously,
+    and removes the temporary folders of writes a kill interrupted."""
     import orbax.checkpoint as ocp
     return ocp.CheckpointManager(
         os.path.abspath(folder),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
                                              cleanup_tmp_directories=True))
+
+
+def reader(folder: str):
+    """A manager that only reads ``folder``: it creates nothing and leaves temporary folders alone, so
+    loading a run while it trains cannot remove the checkpoint being written."""
+    import orbax.checkpoint as ocp
+    return ocp.CheckpointManager(
+        os.path.abspath(folder),
+        options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False))
 
 
 def save(mgr, step: int, state) -> None:

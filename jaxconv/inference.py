@@ -31,7 +31,7 @@ def read_weights(out: str, which: str = "auto"):
         raise ValueError(f"which must be auto, best or latest, got {which!r}")
     config = runs.load_config(out)
     info = DATASETS[config.dataset]
-    managers = {name: ckpt.manager(os.path.join(out, folder), keep=2)
+    managers = {name: ckpt.reader(os.path.join(out, folder))
                 for name, folder in (("best", "best"), ("latest", "checkpoints"))
                 if os.path.isdir(os.path.join(out, folder))}
     if which == "auto":

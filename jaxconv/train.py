@@ -149,7 +149,7 @@ def _fit(config, resume, overwrite, dataset, log, signals):
     latest_dir = os.path.join(out, "checkpoints")
     history = []
     if resume:
-        named, saved_step = ckpt.read(ckpt.manager(latest_dir, keep=2))
+        named, saved_step = ckpt.read(ckpt.reader(latest_dir)) if os.path.isdir(latest_dir) else ({}, None)
         if saved_step is not None:
             state = ckpt.restore_into(state, named, where=f"checkpoint {saved_step} in {latest_dir}")
         done = int(state.step) // steps

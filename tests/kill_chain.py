@@ -75,7 +75,7 @@ def outcome(out: str):
     arrays = {}
     for folder in ("checkpoints", "best"):
         if os.path.isdir(os.path.join(out, folder)):
-            named, step = ckpt.read(ckpt.manager(os.path.join(out, folder), keep=2))
+            named, step = ckpt.read(ckpt.reader(os.path.join(out, folder)))
             arrays.update({f"{folder}@{step}/{name}": value for name, value in named.items()})
     return metrics, results, matrix, arrays
 
