@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -117,7 +116,8 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    import jax
+    import jax.numpy as jnp
+    from jaxconv import functional as F
     from jaxconv.data import DATASETS, load_dataset
     from jaxconv.inference import load
     from jaxconv.steps import confusion_matrix
@@ -128,8 +128,7 @@ def _eval(args) -> int:
     data = load_dataset(config.dataset, data_dir=args.data_dir or config.data_dir, source=config.source)
     logits = model(data.test.images)
     labels = data.test.labels
-    log_p = jax.nn.log_softmax(jax.numpy.asarray(logits), axis=-1)
-    loss = -float(np.mean(np.take_along_axis(np.asarray(log_p), labels[..., None], axis=-1)))
+    loss = float(F.cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
     preds = logits.argmax(-1)
     print(f"{config.model} on {config.dataset}, {model!r}: test loss {loss:.4f} accuracy "
           f"{float(np.mean(preds == labels)):.4f}")
@@ -194,11 +193,8 @@ def _gradcheck(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import logging
-    # Orbax logs a failed write's traceback from each of its threads before it raises the error, which
-    # is answered below in one line; JAXCONV_DEBUG=1 keeps those logs.
-    if not os.environ.get("JAXCONV_DEBUG"):
-        logging.getLogger("absl").setLevel(logging.CRITICAL)
+    if not os.environ.get("JAXCONV_DEBUG"):  # JAXCONV_DEBUG=1 keeps them
+        _quiet_echoes_of_failed_writes()
     commands = {"train": _train, "eval": _eval, "predict": _predict, "summary": _summary, "gradcheck": _gradcheck}
     try:
         return commands[args.command](args)
@@ -208,6 +204,27 @@ def main(argv=None) -> int:
             raise
         print(f"jaxconv {args.command}: {message}", file=sys.stderr)
         return status
+
+
+def _quiet_echoes_of_failed_writes():
+    """A failed Orbax write (a full disk) is answered in one line, but echoes of it reach stderr from
+    elsewhere: each writer thread logs its traceback (absl); tasks whose exception nobody awaited are
+    logged when collected (asyncio); and TensorStore's native callbacks fire into the event loop Orbax
+    has closed, each ``RuntimeError: Event loop is closed`` printed through ``sys.excepthook`` or
+    ``sys.unraisablehook``. Silence those, and only those."""
+    import logging
+    if getattr(_quiet_echoes_of_failed_writes, "installed", False):  # main() may run many times in a process
+        return
+    _quiet_echoes_of_failed_writes.installed = True
+
+    def echo(kind, value):
+        return kind is RuntimeError and str(value) == "Event loop is closed"
+
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    hook, unraisable = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda kind, value, tb: None if echo(kind, value) else hook(kind, value, tb)
+    sys.unraisablehook = lambda u: None if echo(u.exc_type, u.exc_value) else unraisable(u)
 
 
 def explain(err: BaseException) -> tuple[str | None, int]:

@@ -25,6 +25,9 @@ def test_bare_train_defaults_and_eval(tmp_path):
     evaluated = run_cli("eval", "--out", str(tmp_path / "run"))
     assert evaluated.returncode == 0, evaluated.stderr
     assert "latest checkpoint: step 80, epoch 2" in evaluated.stdout
+    import json
+    final = json.load(open(tmp_path / "run" / "results.json"))["latest"]  # the run's own end-of-run evaluation
+    assert f"test loss {final['test_loss']:.4f} accuracy {final['test_accuracy']:.4f}" in evaluated.stdout
 
 
 @pytest.mark.parametrize("argv, message", [
