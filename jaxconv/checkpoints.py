@@ -9,7 +9,8 @@ A run keeps two folders of checkpoints, each numbered by the global training ste
 The state is saved as a nested dict whose keys are its tree's path names —
 ``params/layers/0/kernel``, ``opt_state/0/mu/layers/0/kernel``, ``step`` — so a checkpoint reads
 back without the live model (:func:`read`), and restoring it into a different model fails by name
-(:func:`restore_into`). Orbax writes each checkpoint into a temporary folder and renames it when
+(:func:`restore`, :func:`restore_into`). A checkpoint holds no device layout: it is read onto whatever
+devices the reader's state lives on, so a run saved on 4 devices (or processes) continues on 1 and back. Orbax writes each checkpoint into a temporary folder and renames it when
 complete: a process killed mid-write leaves the previous checkpoint as the latest one.
 """
 from __future__ import annotations
@@ -88,7 +89,7 @@ def manager(folder: str, *, keep: int):
     and removes the temporary folders of writes a kill interrupted."""
     import orbax.checkpoint as ocp
     return ocp.CheckpointManager(
-        os.path.abspath(folder),
+        os.path.abspath(folder), item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
                                              cleanup_tmp_directories=True))
 
@@ -98,7 +99,7 @@ def reader(folder: str):
     loading a run while it trains cannot remove the checkpoint being written."""
     import orbax.checkpoint as ocp
     return ocp.CheckpointManager(
-        os.path.abspath(folder),
+        os.path.abspath(folder), item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False))
 
 
@@ -108,12 +109,18 @@ def save(mgr, step: int, state) -> None:
     if step in mgr.all_steps():
         return
     try:
-        mgr.save(step, args=ocp.args.StandardSave(nest(named_leaves(state))))
+        mgr.save(step, args=ocp.args.StandardSave(nest(named_leaves(state))), force=True)
         mgr.wait_until_finished()
     except Exception as err:  # Orbax reports a full disk as a ValueError from its writer threads
         if "No space left on device" in str(err) or "os_error_code='28'" in str(err):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(mgr.directory)) from None
         raise
+
+
+def stored(mgr, step: int) -> dict[str, tuple[tuple, np.dtype]]:
+    """``{path name: (shape, dtype)}`` of checkpoint ``step``, read from its metadata (no arrays)."""
+    tree = mgr.item_metadata(step).tree
+    return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in flatten(tree).items()}
 
 
 def read(mgr, step: int | None = None) -> tuple[dict[str, np.ndarray], int | None]:
@@ -123,8 +130,40 @@ def read(mgr, step: int | None = None) -> tuple[dict[str, np.ndarray], int | Non
     step = mgr.latest_step() if step is None else step
     if step is None:
         return {}, None
-    tree = mgr.restore(step, args=ocp.args.StandardRestore())
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=here) for name, (shape, dtype) in stored(mgr, step).items()}
+    tree = mgr.restore(step, args=ocp.args.StandardRestore(nest(target)))
     return {name: np.asarray(value) for name, value in flatten(tree).items()}, step
+
+
+def restore(mgr, template, step: int, *, where: str = "the checkpoint"):
+    """``template``'s tree read from checkpoint ``step``, each array placed as ``template``'s leaf is (its
+    sharding): any device count, any process count. A checkpoint of another model raises
+    :class:`CheckpointMismatch` naming the paths, before any array is read."""
+    import orbax.checkpoint as ocp
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    want = {path_name(p): leaf for p, leaf in paths}
+    _check_fits(want, stored(mgr, step), where)
+    target = {name: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding) for name, leaf in want.items()}
+    tree = flatten(mgr.restore(step, args=ocp.args.StandardRestore(nest(target))))
+    return jax.tree.unflatten(treedef, [tree[name] for name in want])
+
+
+def _check_fits(want: dict, have: dict[str, tuple], where: str) -> None:
+    missing = [n for n in want if n not in have]
+    extra = [n for n in have if n not in want]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"it lacks {_few(missing)}")
+        if extra:
+            parts.append(f"it has {_few(extra)}, which this model does not")
+        raise CheckpointMismatch(f"{where} belongs to a different model or optimizer: {'; '.join(parts)}")
+    for name, leaf in want.items():
+        shape, dtype = have[name]
+        if tuple(shape) != tuple(leaf.shape) or np.dtype(dtype) != np.dtype(leaf.dtype):
+            raise CheckpointMismatch(f"{where} holds {name} as {np.dtype(dtype)}{list(shape)}, this model wants "
+                                     f"{np.dtype(leaf.dtype)}{list(leaf.shape)}")
 
 
 def restore_into(template, named: dict[str, np.ndarray], *, where: str = "the checkpoint"):
@@ -133,23 +172,8 @@ def restore_into(template, named: dict[str, np.ndarray], *, where: str = "the ch
     Missing names, extra names and shape or dtype changes raise :class:`CheckpointMismatch` naming them."""
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     want = {path_name(p): leaf for p, leaf in paths}
-    missing = [n for n in want if n not in named]
-    extra = [n for n in named if n not in want]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"it lacks {_few(missing)}")
-        if extra:
-            parts.append(f"it has {_few(extra)}, which this model does not")
-        raise CheckpointMismatch(f"{where} belongs to a different model or optimizer: {'; '.join(parts)}")
-    leaves = []
-    for name, leaf in want.items():
-        value = named[name]
-        if value.shape != leaf.shape or value.dtype != leaf.dtype:
-            raise CheckpointMismatch(f"{where} holds {name} as {value.dtype}{list(value.shape)}, this model wants "
-                                     f"{leaf.dtype}{list(leaf.shape)}")
-        leaves.append(jnp.asarray(value))
-    return jax.tree.unflatten(treedef, leaves)
+    _check_fits(want, {n: (v.shape, v.dtype) for n, v in named.items()}, where)
+    return jax.tree.unflatten(treedef, [jnp.asarray(named[name]) for name in want])
 
 
 def _few(names, k: int = 3) -> str:

@@ -69,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --val-split: evaluate the test set every epoch too")
     train.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                        help="also checkpoint every STEPS training steps (default: at epoch ends only)")
+    train.add_argument("--devices", metavar="N|all",
+                       help="split each global batch across N devices of every process (default: all of them); "
+                            "--batch-size stays the global batch and must divide by the device count")
+    train.add_argument("--seeds", type=_positive_int, metavar="K",
+                       help="train K runs (seeds --seed .. --seed+K-1) together as one program; each keeps its "
+                            "own folder OUT/seed_S, their mean and spread go to OUT/seeds.jsonl")
+    dist = train.add_argument_group(
+        "many hosts", "jax.distributed: start one process per host (or per GPU), each with the same flags but its "
+                      "own --process-id; the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                      "JAX_PROCESS_ID stand in for the flags")
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    dist.add_argument("--num-processes", type=_positive_int, metavar="N")
+    dist.add_argument("--process-id", type=int, metavar="I", help="0 .. N-1; process 0 writes the run's files")
     train.add_argument("--resume", action="store_true", default=False,
                        help="continue the run in --out from its last checkpoint")
     train.add_argument("--overwrite", action="store_true", default=False,
@@ -98,10 +111,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_processes(args) -> None:
+    """``jax.distributed.initialize`` from the flags or the environment, before anything else touches JAX."""
+    env = os.environ
+    coordinator = getattr(args, "coordinator", None) or env.get("JAX_COORDINATOR_ADDRESS")
+    count = getattr(args, "num_processes", None) or env.get("JAX_NUM_PROCESSES")
+    me = getattr(args, "process_id", None)
+    me = env.get("JAX_PROCESS_ID") if me is None else me
+    given = [name for name, value in (("--coordinator", coordinator), ("--num-processes", count),
+                                      ("--process-id", me)) if value is not None]
+    if not given:
+        return
+    if len(given) < 3:
+        missing = sorted({"--coordinator", "--num-processes", "--process-id"} - set(given))
+        raise ValueError(f"a multi-process run needs --coordinator, --num-processes and --process-id; "
+                         f"{', '.join(missing)} missing")
+    from jaxconv import parallel
+    parallel.initialize(coordinator, int(count), int(me))
+
+
 def _train(args) -> int:
     from jaxconv import runs
     from jaxconv.config import TrainConfig, resolve
 
+    _join_processes(args)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}
     if args.resume:  # the stored run's settings, with the flags given now on top (fit checks they may change)
@@ -110,8 +143,10 @@ def _train(args) -> int:
         config = TrainConfig(**{**dataclasses.asdict(runs.load_config(out)), **given, "out": out})
     else:
         config = TrainConfig(**given)
+    from jaxconv import parallel
     from jaxconv.train import fit
     fit(config, resume=args.resume, overwrite=args.overwrite)
+    parallel.shutdown()
     return 0
 
 

@@ -38,6 +38,8 @@ class TrainConfig:
     val_split: float = 0.0                # share of the training set held out for per-epoch validation
     test_every_epoch: bool = False        # with a validation split: evaluate the test set every epoch too
     checkpoint_every: int = 0             # steps between mid-epoch checkpoints (0: at epoch ends only)
+    devices: str | int = "all"            # devices per process the global batch is split across: N or "all"
+    seeds: int = 1                        # replicas trained together (seeds seed..seed+seeds-1), one program
 
 
 # Defaults per dataset: `jaxconv train --dataset D` uses these unless a flag says otherwise.
@@ -65,7 +67,8 @@ SCHEDULES = ("constant", "cosine", "onecycle")
 DTYPES = ("float32", "bfloat16", "float64")  # float64 needs jax_enable_x64
 # Fields a resumed run may change: where things are, how long it runs, how it evaluates and checkpoints.
 # (More --epochs stretches a cosine or one-cycle schedule from the step where the run stopped.)
-RESUMABLE = ("epochs", "out", "data_dir", "eval_batch_size", "checkpoint_every")
+# Checkpoints hold no device layout: a run may continue on another number of devices or processes.
+RESUMABLE = ("epochs", "out", "data_dir", "eval_batch_size", "checkpoint_every", "devices")
 
 
 def flag(field: str) -> str:
@@ -98,6 +101,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         (filled.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {filled.dtype!r}"),
         (filled.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {filled.eval_batch_size}"),
         (0 <= filled.val_split < 1, f"--val-split must be in [0, 1), got {filled.val_split}"),
+        (filled.devices == "all" or (str(filled.devices).isdigit() and int(filled.devices) >= 1),
+         f"--devices must be a count >= 1 or 'all', got {filled.devices!r}"),
+        (filled.seeds >= 1, f"--seeds must be >= 1, got {filled.seeds}"),
         (filled.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 steps, got {filled.checkpoint_every}"),
         (not filled.test_every_epoch or filled.val_split > 0,
          "--test-every-epoch adds the test set to the per-epoch validation; without --val-split the test set "
@@ -118,8 +124,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if filled.flip and len(info.input_shape) != 3:
         raise ValueError(f"--flip mirrors images left to right; {filled.dataset}'s examples are "
                          f"{len(info.input_shape) - 1}-D: give --no-flip")
+    if filled.devices != "all":
+        filled.devices = int(filled.devices)
     if filled.out is None:
-        filled.out = os.path.join("runs", f"{filled.dataset}_{filled.model}_s{filled.seed}")
+        seeds = f"{filled.seed}-{filled.seed + filled.seeds - 1}" if filled.seeds > 1 else filled.seed
+        filled.out = os.path.join("runs", f"{filled.dataset}_{filled.model}_s{seeds}")
     return filled
 
 
@@ -149,4 +158,5 @@ def describe(config: TrainConfig) -> str:
     warm = f", {config.warmup_epochs:g} warm-up epochs" if config.warmup_epochs else ""
     return (f"{config.optimizer} lr {config.lr:g} {config.schedule}{warm}; weight decay {config.weight_decay:g}; "
             f"label smoothing {config.label_smoothing:g}; augmentation {', '.join(aug) or 'none'}; "
-            f"grad={config.grad} dtype={config.dtype} seed {config.seed}")
+            f"grad={config.grad} dtype={config.dtype} "
+            + (f"seeds {config.seed}..{config.seed + config.seeds - 1}" if config.seeds > 1 else f"seed {config.seed}"))

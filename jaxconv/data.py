@@ -74,17 +74,22 @@ class Split:
         return len(self.labels)
 
 
-def split_validation(split: "Split", fraction: float, seed: int) -> tuple["Split", "Split"]:
-    """``(train, validation)``: ``round(fraction * N)`` examples drawn by ``seed`` held out; both keep the
-    original order. ``ValueError`` when either part would be empty."""
-    n = len(split)
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train rows, validation rows)`` of ``n`` examples: ``round(fraction * n)`` drawn by ``seed`` are held
+    out; both lists are in increasing order. ``ValueError`` when either part would be empty."""
     n_val = int(round(fraction * n))
     if not 1 <= n_val < n:
         raise ValueError(f"--val-split {fraction} of {n} training examples leaves {n_val} for validation and "
                          f"{n - n_val} for training; both need at least one")
     held = np.zeros(n, bool)
     held[np.random.default_rng(seed).permutation(n)[:n_val]] = True
-    return Split(split.images[~held], split.labels[~held]), Split(split.images[held], split.labels[held])
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def split_validation(split: "Split", fraction: float, seed: int) -> tuple["Split", "Split"]:
+    """``(train, validation)`` as :func:`split_indices` draws them; both keep the original order."""
+    train, held = split_indices(len(split), fraction, seed)
+    return Split(split.images[train], split.labels[train]), Split(split.images[held], split.labels[held])
 
 
 @dataclass

@@ -3,7 +3,9 @@
 ``OUT/`` holds ``config.json`` (the resolved :class:`~jaxconv.config.TrainConfig`), ``metrics.jsonl``
 (one record per finished epoch, all of one shape), ``checkpoints/`` and ``best/`` (see
 :mod:`jaxconv.checkpoints`), and at the end ``results.json`` (the test set's numbers),
-``confusion_matrix.csv`` and ``curves.png``. Every file is written to a temporary name and renamed
+``confusion_matrix.csv`` and ``curves.png``. A run of many seeds (``--seeds K``) keeps one such folder per seed,
+``OUT/seed_S/``, and in ``OUT/`` its own ``config.json``, ``seeds.jsonl`` (per epoch, every metric's mean
+and standard deviation over the seeds), ``results.json`` and ``curves.png`` (mean and band). Every file is written to a temporary name and renamed
 into place, so a process killed at any moment leaves either the old file or the new one.
 """
 from __future__ import annotations
@@ -13,10 +15,12 @@ import json
 import os
 import shutil
 
+import numpy as np
+
 from jaxconv.config import TrainConfig, from_dict
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "best", "results.json", "confusion_matrix.csv",
-             "curves.png")
+             "curves.png", "seeds.jsonl")
 
 
 def write_atomically(path: str, data: str | bytes) -> None:
@@ -43,7 +47,12 @@ def check_out(out: str) -> None:
 
 
 def held_files(out: str) -> list[str]:
-    return [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    """The run files in ``out``, and the seed folders (``seed_S/``) of a many-seed run."""
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if os.path.isdir(out):
+        held += sorted(name for name in os.listdir(out) if name.startswith("seed_")
+                       and os.path.exists(os.path.join(out, name, "config.json")))
+    return held
 
 
 def claim(out: str, *, resume: bool, overwrite: bool) -> list[str]:
@@ -107,3 +116,33 @@ def write_confusion_csv(out: str, matrix, class_names) -> None:
     lines = ["true\\predicted," + ",".join(quoted)]
     lines += [f"{quoted[i]}," + ",".join(str(int(v)) for v in row) for i, row in enumerate(matrix)]
     write_atomically(os.path.join(out, "confusion_matrix.csv"), "\n".join(lines) + "\n")
+
+
+def write_seed_summary(out: str, histories: list[list[dict]], seeds: list[int]) -> None:
+    """``seeds.jsonl``: per epoch, each seed's value of every metric and their mean and (population) std."""
+    lines = []
+    for records in zip(*histories):
+        row = dict(epoch=records[0]["epoch"], step=records[0]["step"], seeds=list(seeds))
+        for key, value in records[0].items():
+            if key.endswith(("_loss", "_accuracy")):
+                values = [r[key] for r in records]
+                row[key] = values
+                row[f"{key}_mean"], row[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+        lines.append(json.dumps(row) + "\n")
+    write_atomically(os.path.join(out, "seeds.jsonl"), "".join(lines))
+
+
+def read_seed_summary(out: str) -> list[dict]:
+    with open(os.path.join(out, "seeds.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_seed_results(out: str, seeds: list[int], results: list[dict]) -> None:
+    accuracies = [r["latest"]["test_accuracy"] for r in results]
+    summary = dict(seeds=list(seeds), test_accuracy=accuracies, test_accuracy_mean=float(np.mean(accuracies)),
+                   test_accuracy_std=float(np.std(accuracies)), runs=[f"seed_{s}" for s in seeds])
+    if all("best" in r for r in results):
+        best = [r["best"]["test_accuracy"] for r in results]
+        summary.update(best_test_accuracy=best, best_test_accuracy_mean=float(np.mean(best)),
+                       best_test_accuracy_std=float(np.std(best)))
+    write_json(out, "results.json", summary)

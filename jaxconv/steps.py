@@ -7,6 +7,8 @@ augments it inside ``jit`` and applies an Optax update; nothing crosses the host
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxconv import compiler
+from jaxconv import compiler, parallel
 from jaxconv import functional as F
 from jaxconv.config import TrainConfig
 from jaxconv.models import create_model
@@ -87,12 +89,50 @@ def augment(key, x, *, crop: int, flip: bool):
     return x
 
 
-def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info):
+def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info, mesh=None):
+    """``(train_step, eval_step)`` of one replica, jitted; with a ``mesh``, each batch is split across its devices.
+
+    ``train_step(state, images, labels, order, i) -> (state, loss)`` trains on ``images[order[i]]``;
+    ``eval_step(state, images, labels, idx, mask, s) -> (loss_sum, correct_sum, pred)`` evaluates
+    ``images[idx[s]]``, counting only the rows where ``mask[s]`` is 1.
+    """
+    single, evaluate_one = _step_functions(graphdef_train, graphdef_eval, tx, config, info, mesh)
+    out = {} if mesh is None else dict(out_shardings=parallel.replicated(mesh))
+    return compiler.jit(single, donate_argnums=0, **out), compiler.jit(evaluate_one, **out)
+
+
+def make_replica_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info, mesh, replicas: int):
+    """``make_steps`` over a state with a leading replica axis (many seeds in one program): ``jax.vmap`` over the
+    replicas (one compile, one dispatch per step for all), or, for one replica, the single program itself.
+
+    ``order`` is ``[replicas, steps, batch]``; eval's ``idx`` is ``[replicas, steps, batch]``; every output
+    gains the leading replica axis."""
+    single, evaluate_one = _step_functions(graphdef_train, graphdef_eval, tx, config, info, mesh)
+    train = _over_replicas(single, (0, None, None, 0, None), replicas)
+    evaluate_all = _over_replicas(evaluate_one, (0, None, None, 0, None, None), replicas)
+    out = dict(out_shardings=parallel.replicated(mesh))
+    return compiler.jit(train, donate_argnums=0, **out), compiler.jit(evaluate_all, **out)
+
+
+def _over_replicas(fn, in_axes, replicas: int):
+    if replicas > 1:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def one(*args):  # the unbatched program, so that a one-seed run computes exactly what it always did
+        args = [jax.tree.map(lambda a: a[0], x) if axis == 0 else x for x, axis in zip(args, in_axes)]
+        return jax.tree.map(lambda a: a[None], fn(*args))
+    return one
+
+
+def _step_functions(graphdef_train, graphdef_eval, tx, config: TrainConfig, info, mesh):
     real = jnp.float64 if config.dtype == "float64" else jnp.float32
     mean, std = jnp.asarray(info.mean, real), jnp.asarray(info.std, real)
+    # Each device gathers its share of the batch from its own copy of the data; the rest follows from jit.
+    spread = (lambda idx: idx) if mesh is None else (
+        lambda idx: jax.lax.with_sharding_constraint(idx, parallel.split(mesh)))
 
     def train_step(state: TrainState, images, labels, order, i):
-        idx = jax.lax.dynamic_index_in_dim(order, i, keepdims=False)
+        idx = spread(jax.lax.dynamic_index_in_dim(order, i, keepdims=False))
         x, y = normalise(images[idx], mean, std), labels[idx]
         x = augment(jax.random.fold_in(state.key, state.step), x, crop=config.crop, flip=config.flip)
 
@@ -111,7 +151,9 @@ def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info):
                             correct_sum=state.correct_sum + correct.astype(state.correct_sum.dtype))
         return new, loss
 
-    def eval_step(state: TrainState, images, labels, idx, mask):
+    def eval_step(state: TrainState, images, labels, idx, mask, s):
+        idx = spread(jax.lax.dynamic_index_in_dim(idx, s, keepdims=False))
+        mask = spread(jax.lax.dynamic_index_in_dim(mask, s, keepdims=False))
         model = nnx.merge(graphdef_eval, state.params, state.model_state)
         logits = model(normalise(images[idx], mean, std)).astype(real)
         y = labels[idx]
@@ -121,25 +163,35 @@ def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info):
         pred = jnp.argmax(logits, -1)
         return jnp.sum(losses * mask_y) / positions, jnp.sum((pred == y) * mask_y) / positions, pred
 
-    return compiler.jit(train_step, donate_argnums=0), compiler.jit(eval_step)
+    return train_step, eval_step
 
 
-def evaluate(eval_step, state, images, labels, batch_size: int):
-    """Loss, accuracy and predictions over every example: the last batch is padded and masked."""
-    n = int(labels.shape[0])
-    batch_size = min(batch_size, n)
+def evaluate(eval_step, state, images, labels, batch_size: int, *, rows=None, mesh=None):
+    """Loss, accuracy and predictions over the examples ``rows`` of ``images`` (default: all of them); the last
+    batch is padded and masked. With a replica-axis ``eval_step`` (:func:`make_replica_steps`), ``rows`` is
+    ``[replicas, n]`` and each of the three results gains the replica axis."""
+    replicated = rows is not None and np.ndim(rows) == 2
+    rows = np.arange(int(labels.shape[0])) if rows is None else np.asarray(rows)
+    rows2 = rows if replicated else rows[None]
+    n = rows2.shape[1]
+    devices = 1 if mesh is None else mesh.size
+    batch_size = -(-min(batch_size, n) // devices) * devices  # a whole share for every device
     steps = math.ceil(n / batch_size)
-    idx = np.zeros(steps * batch_size, np.int32)
-    idx[:n] = np.arange(n)
+    idx = np.zeros((rows2.shape[0], steps * batch_size), np.int32)
+    idx[:, :n] = rows2
     mask = np.zeros(steps * batch_size, np.float32)
     mask[:n] = 1
-    idx, mask = jnp.asarray(idx.reshape(steps, batch_size)), jnp.asarray(mask.reshape(steps, batch_size))
-    loss_sum, correct, preds = 0.0, 0, []
-    for s in range(steps):
-        l, c, p = eval_step(state, images, labels, idx[s], mask[s])
-        loss_sum, correct = loss_sum + l, correct + c
-        preds.append(p)
-    preds = np.asarray(jnp.concatenate(preds))[:n]
+    idx, mask = idx.reshape(-1, steps, batch_size), mask.reshape(steps, batch_size)
+    put = jnp.asarray if mesh is None else functools.partial(parallel.put, mesh)
+    idx, mask = put(idx if replicated else idx[0]), put(mask)
+    outs = [eval_step(state, images, labels, idx, mask, s) for s in range(steps)]  # dispatched, then read
+    loss_sum = sum(parallel.fetch(l).astype(np.float64) for l, _, _ in outs)
+    correct = sum(parallel.fetch(c).astype(np.float64) for _, c, _ in outs)
+    axis = 1 if replicated else 0  # the examples' axis of the predictions
+    preds = np.concatenate([parallel.fetch(p) for _, _, p in outs], axis=axis)
+    preds = preds[:, :n] if replicated else preds[:n]
+    if replicated:
+        return np.asarray(loss_sum, np.float64) / n, np.asarray(correct, np.float64) / n, preds
     return float(loss_sum) / n, float(correct) / n, preds
 
 
@@ -154,6 +206,20 @@ def build_model(config: TrainConfig, input_shape, num_classes: int):
     return create_model(config.model, input_shape=input_shape, num_classes=num_classes, grad=config.grad,
                         dtype=DTYPES[config.dtype] if config.dtype == "bfloat16" else None,
                         param_dtype=jnp.float64 if config.dtype == "float64" else jnp.float32, seed=config.seed)
+
+
+def init_replicas(config: TrainConfig, seeds, input_shape, num_classes: int, steps_per_epoch: int, mesh):
+    """The states of one run per seed in ``seeds``, stacked on a leading replica axis and replicated over ``mesh``
+    (built inside ``jit`` so that every process of a multi-process run computes its own identical copy)."""
+    _, graphdef_train, graphdef_eval, tx = init_state(config, input_shape, num_classes, steps_per_epoch)
+
+    def build():
+        states = [init_state(dataclasses.replace(config, seed=s), input_shape, num_classes, steps_per_epoch)[0]
+                  for s in seeds]
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    states = compiler.jit(build, out_shardings=parallel.replicated(mesh))()
+    return states, graphdef_train, graphdef_eval, tx
 
 
 def init_state(config: TrainConfig, input_shape, num_classes: int, steps_per_epoch: int):

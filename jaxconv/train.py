@@ -16,6 +16,8 @@ configuration in :mod:`jaxconv.config`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
 import signal
 import sys
@@ -27,11 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconv import checkpoints as ckpt
-from jaxconv import runs
+from jaxconv import parallel, runs
 from jaxconv.config import MODEL_RECIPES, RECIPES, TrainConfig, check_resume, describe, resolve  # noqa: F401
-from jaxconv.data import DATASETS, Dataset, load_dataset, split_validation
-from jaxconv.steps import (DTYPES, TrainState, confusion_matrix, evaluate, init_state,  # noqa: F401
-                           make_optimizer, make_schedule, make_steps)
+from jaxconv.data import DATASETS, Dataset, load_dataset, split_indices
+from jaxconv.steps import (DTYPES, TrainState, confusion_matrix, evaluate, init_replicas, init_state,  # noqa: F401
+                           make_optimizer, make_replica_steps, make_schedule, make_steps)
+
+
+# The fields of a metrics record that measure time: the only ones a resumed or re-run run may change.
+TIMING_FIELDS = ("images_per_s", "images_per_s_per_device", "wall_s")
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,85 +114,186 @@ class _Progress:
             self.stream.write("\r" + " " * 70 + "\r")
 
 
-def _check_finite(losses, first_step: int, epoch: int, latest, out: str):
-    values = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
-    bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size:
-        last = latest.latest_step()
+def _check_finite(losses, first_step: int, epoch: int, replicas, checkpoints):
+    values = np.stack([parallel.fetch(v) for v in losses]) if losses else np.zeros((0, len(replicas)))  # [steps, K]
+    bad_steps, bad_replicas = np.nonzero(~np.isfinite(values))
+    if bad_steps.size:
+        replica = replicas[int(bad_replicas[0])]
+        last = checkpoints.latest.latest_step()
+        which = f" for seed {replica.seed}" if len(replicas) > 1 else ""
         raise TrainingDiverged(
-            f"loss became {values[bad[0]]} at step {first_step + int(bad[0])} (epoch {epoch + 1}); training stopped. "
-            + (f"The last good checkpoint is step {last} in {os.path.join(out, 'checkpoints')}."
+            f"loss became {values[bad_steps[0], bad_replicas[0]]}{which} at step {first_step + int(bad_steps[0])} "
+            f"(epoch {epoch + 1}); training stopped. "
+            + (f"The last good checkpoint is step {last} in {os.path.join(checkpoints.out, 'checkpoints')}."
                if last is not None else "No checkpoint was written yet."))
 
 
 def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, dataset: Dataset | None = None,
         log=print):
-    """Train ``config`` (see :class:`TrainConfig`); returns the list of per-epoch metric dicts.
+    """Train ``config`` (see :class:`TrainConfig`); returns the list of per-epoch metric dicts (one list per seed
+    when ``config.seeds > 1``).
 
     ``resume`` continues the run in ``config.out`` (every setting but those in
     :data:`jaxconv.config.RESUMABLE` must match its ``config.json``); ``overwrite`` replaces it.
+    The global batch is split across ``config.devices`` devices of every process (see :mod:`jaxconv.parallel`);
+    ``config.seeds`` runs of seeds ``seed, seed + 1, ...`` train together as one program, each in
+    ``OUT/seed_S/`` (a complete run folder of its own), with their mean and spread in ``OUT/seeds.jsonl``.
     """
     config = resolve(config)
     with _StopSignals() as signals:  # from here on, SIGINT/SIGTERM are answered between steps
-        return _fit(config, resume, overwrite, dataset, log, signals)
+        histories = _fit(config, resume, overwrite, dataset, log if parallel.is_writer() else _silent, signals)
+    return histories[0] if config.seeds == 1 else histories
+
+
+def _silent(*args, **kwargs):
+    pass
+
+
+class _Replica:
+    """One seed's run folder (``OUT`` itself for a one-seed run) and its metrics."""
+
+    def __init__(self, config: TrainConfig, k: int, validation_rows):
+        self.k, self.seed = k, config.seed + k
+        self.out = config.out if config.seeds == 1 else os.path.join(config.out, f"seed_{self.seed}")
+        self.config = dataclasses.replace(config, seed=self.seed, seeds=1, out=self.out)
+        self.validation_rows, self.history, self.best_accuracy = validation_rows, [], -1.0
+
+    def open(self, writer: bool):
+        if writer:
+            os.makedirs(self.out, exist_ok=True)
+            runs.save_config(self.out, self.config)
+            runs.write_metrics(self.out, self.history)
+
+    def best_step(self):
+        if self.validation_rows is None or not self.history:
+            return None
+        best = max(range(len(self.history)), key=lambda i: (self.history[i]["val_accuracy"], -i))
+        return self.history[best]["step"]
+
+
+class _Checkpoints:
+    """The run's checkpoints: ``OUT/checkpoints`` (the latest two) and ``OUT/best``. A one-seed run keeps its
+    state as it is; a many-seed run keeps the stacked state of all its seeds in one checkpoint (one write per
+    epoch, not one per seed), ``best`` holding in each seed's slot that seed's best state so far, and at the
+    end writes each seed's own checkpoints into ``OUT/seed_S`` (see :meth:`export`)."""
+
+    def __init__(self, out: str, mesh, seeds: int, with_best: bool):
+        self.out, self.one, self.with_best = out, seeds == 1, with_best
+        replicated = parallel.replicated(mesh)
+        self._take = jax.jit(lambda state, k: jax.tree.map(lambda a: a[k], state), out_shardings=replicated)
+        self._grow = jax.jit(lambda state: jax.tree.map(lambda a: a[None], state), out_shardings=replicated)
+        self.latest = self.best = None
+
+    def open(self):
+        self.latest = ckpt.manager(os.path.join(self.out, "checkpoints"), keep=2)
+        if self.with_best:
+            self.best = ckpt.manager(os.path.join(self.out, "best"), keep=1)
+
+    def stored_form(self, state):
+        return self._take(state, 0) if self.one else state
+
+    def save(self, which: str, at: int, state):
+        ckpt.save(getattr(self, which), at, self.stored_form(state))
+
+    def restore(self, state):
+        """``(state, best_state)`` from the run's latest checkpoints (``None`` for a folder that holds none)."""
+        found = []
+        for name in ("checkpoints", "best"):
+            folder = os.path.join(self.out, name)
+            mgr = ckpt.reader(folder) if os.path.isdir(folder) else None
+            step = mgr.latest_step() if mgr else None
+            if step is None:
+                found.append(None)
+                continue
+            one = ckpt.restore(mgr, self.stored_form(state), step, where=f"checkpoint {step} in {folder}")
+            found.append(self._grow(one) if self.one else one)
+        return found[0], found[1]
+
+    def export(self, replicas, state, best_state, at: int):
+        """A many-seed run's end: each seed's latest and best state as its own run folder's checkpoints."""
+        for r in replicas:
+            with contextlib.closing(ckpt.manager(os.path.join(r.out, "checkpoints"), keep=2)) as mgr:
+                ckpt.save(mgr, at, self._take(state, r.k))
+            if best_state is not None and r.best_step() is not None:
+                with contextlib.closing(ckpt.manager(os.path.join(r.out, "best"), keep=1)) as mgr:
+                    ckpt.save(mgr, r.best_step(), self._take(best_state, r.k))
+
+    def close(self):
+        for manager in (self.latest, self.best):
+            if manager:
+                manager.close()
 
 
 def _fit(config, resume, overwrite, dataset, log, signals):
-    out = config.out
+    out, writer = config.out, parallel.is_writer()
     existing = runs.claim(out, resume=resume, overwrite=overwrite)
     if resume:
         check_resume(resolve(runs.load_config(out)), config)
+    parallel.sync("checked")  # every process has looked at the folder before process 0 writes to it
+    mesh = parallel.make_mesh(config.devices)
     data = dataset or load_dataset(config.dataset, data_dir=config.data_dir, source=config.source)
     info = DATASETS[config.dataset]
-    train, val = data.train, None
-    if config.val_split:
-        train, val = split_validation(data.train, config.val_split, config.seed)
-    n_train = len(train)
+    n_all, seeds = len(data.train), [config.seed + k for k in range(config.seeds)]
+    # Every replica trains on rows of the one training array on the devices (its validation rows held out).
+    splits = [split_indices(n_all, config.val_split, s) if config.val_split else (np.arange(n_all), None)
+              for s in seeds]
+    replicas = [_Replica(config, k, held) for k, (_, held) in enumerate(splits)]
+    n_train = len(splits[0][0])
     batch = min(config.batch_size, n_train)
+    parallel.check_batch(batch, mesh)
     steps = n_train // batch  # the last partial batch is dropped: one compiled shape
-    state, graphdef_train, graphdef_eval, tx = init_state(config, train.images.shape[1:], info.num_classes, steps)
-
-    latest_dir = os.path.join(out, "checkpoints")
-    history = []
+    state, graphdef_train, graphdef_eval, tx = init_replicas(config, seeds, data.train.images.shape[1:],
+                                                             info.num_classes, steps, mesh)
+    checkpoints = _Checkpoints(out, mesh, config.seeds, with_best=bool(config.val_split))
+    best_state = None
     if resume:
-        named, saved_step = ckpt.read(ckpt.reader(latest_dir)) if os.path.isdir(latest_dir) else ({}, None)
-        if saved_step is not None:
-            state = ckpt.restore_into(state, named, where=f"checkpoint {saved_step} in {latest_dir}")
-        done = int(state.step) // steps
-        history = runs.read_metrics(out)[:done]
-        if len(history) < done or (history and history[-1]["step"] != done * steps):
-            raise ValueError(f"--resume: the checkpoint in {latest_dir} is at step {int(state.step)}, which does not "
-                             f"match {out}/metrics.jsonl at {steps} steps per epoch (is --data-dir another dataset?)")
-    if overwrite:  # everything above is validated: now the old run may go
+        saved, best_state = checkpoints.restore(state)
+        state = state if saved is None else saved
+        _resume_metrics(replicas, int(parallel.fetch(state.step)[0]), steps, out)
+    if overwrite and writer:  # everything above is validated: now the old run may go
         runs.remove(out, existing)
-    os.makedirs(out, exist_ok=True)
-    runs.save_config(out, config)
-    runs.write_metrics(out, history)
-    latest = ckpt.manager(latest_dir, keep=2)
-    best = ckpt.manager(os.path.join(out, "best"), keep=1) if val else None  # chosen by validation only
+    parallel.sync("claimed")
+    if writer:
+        os.makedirs(out, exist_ok=True)
+        runs.save_config(out, config)
+    for replica in replicas:
+        replica.open(writer)
+    parallel.sync("opened")
+    checkpoints.open()
 
-    train_step, eval_step = make_steps(graphdef_train, graphdef_eval, tx, config, info)
-    train_x, train_y = jax.device_put(train.images), jax.device_put(train.labels)
-    test = (jax.device_put(data.test.images), jax.device_put(data.test.labels))
-    per_epoch = {"val": (jax.device_put(val.images), jax.device_put(val.labels))} if val else {"test": test}
-    if val and config.test_every_epoch:
+    train_step, eval_step = make_replica_steps(graphdef_train, graphdef_eval, tx, config, info, mesh, config.seeds)
+    put = functools.partial(parallel.put, mesh)
+    train_x, train_y = put(data.train.images), put(data.train.labels)
+    members = put(np.stack([rows for rows, _ in splits]).astype(np.int32))
+    test = (put(data.test.images), put(data.test.labels), None)
+    validation = (train_x, train_y, np.stack([r.validation_rows for r in replicas])) if config.val_split else None
+    per_epoch = {"val": validation} if validation else {"test": test}
+    if validation and config.test_every_epoch:
         per_epoch["test"] = test
     schedule = make_schedule(config, steps)
-    best_accuracy = max((h["val_accuracy"] for h in history), default=-1.0) if val else None
+    order_of = _order_function(mesh, steps, batch)
+    keep_best = jax.jit(lambda better, new, old: jax.tree.map(
+        lambda a, b: jnp.where(better.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old),
+        out_shardings=parallel.replicated(mesh))
 
     def evaluate_on(arrays, at):
+        images, labels, rows = arrays
+        rows = np.broadcast_to(np.arange(int(labels.shape[0])), (config.seeds, int(labels.shape[0]))) \
+            if rows is None else rows
         with _explain_out_of_memory("evaluation", "--eval-batch-size", config.eval_batch_size):
-            return evaluate(eval_step, at, *arrays, config.eval_batch_size)
+            return evaluate(eval_step, at, images, labels, config.eval_batch_size, rows=rows, mesh=mesh)
 
-    held = f" / {len(val)} validation" if val else ""
+    held = f" / {len(replicas[0].validation_rows)} validation" if validation else ""
     log(f"{config.dataset} ({data.source}): {n_train} train{held} / {len(data.test)} test; model {config.model}; "
-        f"{config.epochs} epochs x {steps} steps of {batch}; {describe(config)}; "
-        f"on {jax.device_count()} {jax.devices()[0].platform} device(s)")
-    start = int(state.step)
+        f"{config.epochs} epochs x {steps} steps of {batch}; {describe(config)}; on {parallel.describe(mesh)}")
+    start = int(parallel.fetch(state.step)[0])
     if resume:
         log(f"resuming {out} at step {start} (epoch {start // steps + 1}, step {start % steps + 1} of {steps})")
-    progress = _Progress(sys.stderr)
-    wall_start = time.perf_counter() - (history[-1]["wall_s"] if history else 0.0)
+    progress = _Progress(sys.stderr if writer else open(os.devnull, "w"))
+    history0 = replicas[0].history
+    wall_start = time.perf_counter() - (history0[-1]["wall_s"] if history0 else 0.0)
+    where = dict(devices=mesh.size, device_kind="/".join(sorted({d.device_kind for d in mesh.devices.flat})),
+                 processes=jax.process_count())
     if signals.caught:
         name = signal.Signals(signals.caught).name
         raise Stopped(f"stopped by {name} before the first training step of this process; continue with: "
@@ -195,8 +302,7 @@ def _fit(config, resume, overwrite, dataset, log, signals):
         first = start - epoch * steps if epoch == start // steps else 0
         if first == 0:
             state = state.new_epoch()
-        order = jax.random.permutation(jax.random.fold_in(state.key, epoch), n_train)[: steps * batch]
-        order = order.reshape(steps, batch)
+        order = order_of(state.key, members, epoch)
         t0, losses, checked = time.perf_counter(), [], 0
         for i in range(first, steps):
             with _explain_out_of_memory("training", "--batch-size", batch):
@@ -205,40 +311,90 @@ def _fit(config, resume, overwrite, dataset, log, signals):
             progress.update(epoch + 1, config.epochs, i + 1, steps)
             at = epoch * steps + i + 1
             if i + 1 < steps and (signals.caught or (config.checkpoint_every and at % config.checkpoint_every == 0)):
-                _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, latest, out)
+                _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, replicas, checkpoints)
                 checked = len(losses)
-                ckpt.save(latest, at, state)
+                checkpoints.save("latest", at, state)
                 if signals.caught:
                     progress.clear()
                     raise _stopped(signals.caught, out, at, epoch, i + 1, steps)
+        jax.block_until_ready(state)  # steps are dispatched ahead: the epoch's time is its last step's end
         train_time = time.perf_counter() - t0
         progress.clear()
-        _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, latest, out)
+        _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, replicas, checkpoints)
         at = (epoch + 1) * steps
-        record = dict(epoch=epoch + 1, step=at, lr=float(schedule(at - 1)),
-                      train_loss=float(state.loss_sum) / steps,
-                      train_accuracy=float(state.correct_sum) / (steps * batch))
-        for name, arrays in per_epoch.items():
-            record[f"{name}_loss"], record[f"{name}_accuracy"], _ = evaluate_on(arrays, state)
-        record.update(images_per_s=(steps - first) * batch / train_time, wall_s=time.perf_counter() - wall_start)
-        history.append(record)
-        runs.write_metrics(out, history)
-        if val and record["val_accuracy"] > best_accuracy:
-            best_accuracy = record["val_accuracy"]
-            ckpt.save(best, at, state)
-        ckpt.save(latest, at, state)
-        log(f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f} acc "
-            f"{record['train_accuracy']:.4f}  " + "  ".join(
-                f"{n} loss {record[n + '_loss']:.4f} acc {record[n + '_accuracy']:.4f}" for n in per_epoch)
-            + f"  {record['images_per_s']:,.0f} img/s  {record['wall_s']:.1f}s")
+        loss_sum, correct_sum = parallel.fetch(state.loss_sum), parallel.fetch(state.correct_sum)
+        evaluated = {name: evaluate_on(arrays, state) for name, arrays in per_epoch.items()}
+        wall = time.perf_counter() - wall_start
+        rate = (steps - first) * batch / train_time
+        improved = np.zeros(config.seeds, bool)
+        for replica in replicas:
+            k = replica.k
+            record = dict(epoch=epoch + 1, step=at, lr=float(schedule(at - 1)),
+                          train_loss=float(loss_sum[k]) / steps, train_accuracy=float(correct_sum[k]) / (steps * batch))
+            for name, (loss, accuracy, _) in evaluated.items():
+                record[f"{name}_loss"], record[f"{name}_accuracy"] = float(loss[k]), float(accuracy[k])
+            record.update(images_per_s=rate, images_per_s_per_device=rate / mesh.size, wall_s=wall, **where)
+            replica.history.append(record)
+            if writer:
+                runs.write_metrics(replica.out, replica.history)
+            if validation and record["val_accuracy"] > replica.best_accuracy:
+                replica.best_accuracy, improved[k] = record["val_accuracy"], True
+        if improved.any():
+            best_state = keep_best(put(improved), state, state if best_state is None else best_state)  # a copy:
+            # the next step donates ``state``
+            checkpoints.save("best", at, best_state)
+        checkpoints.save("latest", at, state)
+        if config.seeds > 1 and writer:
+            runs.write_seed_summary(out, [r.history for r in replicas], seeds)
+        _log_epoch(log, config, replicas, per_epoch, rate, wall)
         if signals.caught and epoch + 1 < config.epochs:
             raise _stopped(signals.caught, out, at, epoch, steps, steps)
-    if history:
-        _finish(config, state, history, info, data, test, evaluate_on, best, log)
-    for manager in (latest, best):
-        if manager:
-            manager.close()
-    return history
+    if replicas[0].history:
+        if config.seeds > 1:
+            checkpoints.export(replicas, state, best_state, replicas[0].history[-1]["step"])
+        final = _finish(config, replicas, state, best_state, info, data, test, evaluate_on, writer, log)
+        if config.seeds > 1 and writer:
+            runs.write_seed_results(out, seeds, final)
+            plot_seed_band([r.history for r in replicas], os.path.join(out, "curves.png"),
+                           title=f"{config.model} on {config.dataset}, seeds {seeds[0]}..{seeds[-1]}")
+    checkpoints.close()
+    parallel.sync("finished")
+    return [r.history for r in replicas]
+
+
+def _resume_metrics(replicas, step: int, steps: int, out: str) -> None:
+    """Each seed's metrics, cut to the checkpoint the run resumes from (a kill may land between the two writes)."""
+    done = step // steps
+    for r in replicas:
+        r.history = runs.read_metrics(r.out)[:done]
+        if len(r.history) < done or (r.history and r.history[-1]["step"] != done * steps):
+            raise ValueError(f"--resume: the checkpoint in {out}/checkpoints is at step {step}, which does not "
+                             f"match {r.out}/metrics.jsonl at {steps} steps per epoch (is --data-dir another dataset?)")
+        if r.validation_rows is not None:
+            r.best_accuracy = max((h["val_accuracy"] for h in r.history), default=-1.0)
+
+
+def _order_function(mesh, steps: int, batch: int):
+    """``order(keys [K, 2], members [K, n], epoch) -> [K, steps, batch]``: each replica's rows of the training
+    array for every step of the epoch, a permutation drawn from its key and the epoch."""
+    def order(keys, members, epoch):
+        def one(key, rows):
+            perm = jax.random.permutation(jax.random.fold_in(key, epoch), rows.shape[0])[: steps * batch]
+            return rows[perm].reshape(steps, batch)
+        return jax.vmap(one)(keys, members)
+    return jax.jit(order, out_shardings=parallel.replicated(mesh))
+
+
+def _log_epoch(log, config, replicas, per_epoch, rate, wall):
+    def mean(key):
+        values = [r.history[-1][key] for r in replicas]
+        return f"{np.mean(values):.4f}" + (f"±{np.std(values):.4f}" if len(values) > 1 else "")
+
+    record = replicas[0].history[-1]
+    log(f"epoch {record['epoch']:3d}/{config.epochs}  train loss {mean('train_loss')} acc {mean('train_accuracy')}  "
+        + "  ".join(f"{n} loss {mean(n + '_loss')} acc {mean(n + '_accuracy')}" for n in per_epoch)
+        + f"  {rate:,.0f} img/s" + (f" x {len(replicas)} seeds" if len(replicas) > 1 else "")
+        + f" ({rate / record['devices']:,.0f}/device)  {wall:.1f}s")
 
 
 def _stopped(signum, out, at, epoch, i, steps) -> Stopped:
@@ -247,29 +403,40 @@ def _stopped(signum, out, at, epoch, i, steps) -> Stopped:
                    f"continue with: jaxconv train --out {out} --resume", signum)
 
 
-def _finish(config, state, history, info, data, test, evaluate_on, best, log):
-    """The test set's numbers for the latest (and best) checkpoint, the confusion matrix and the curves."""
-    out = config.out
+def _finish(config, replicas, state, best_state, info, data, test, evaluate_on, writer, log):
+    """Each seed's test numbers for its latest (and best) state, its confusion matrix and its curves."""
     loss, accuracy, preds = evaluate_on(test, state)
-    results = {"latest": dict(epoch=history[-1]["epoch"], step=history[-1]["step"], test_loss=loss,
-                              test_accuracy=accuracy)}
-    named, best_step = ckpt.read(best) if best else ({}, None)
-    if best_step is not None:
-        record = next(h for h in history if h["step"] == best_step)
-        best_state = ckpt.restore_into(state, named, where=f"the best checkpoint in {out}/best")
-        b_loss, b_acc, _ = evaluate_on(test, best_state)
-        results["best"] = dict(epoch=record["epoch"], step=best_step, val_accuracy=record["val_accuracy"],
-                               test_loss=b_loss, test_accuracy=b_acc)
-    matrix = confusion_matrix(data.test.labels, preds, info.num_classes)
-    results["confusion_matrix"] = "confusion_matrix.csv"
-    runs.write_json(out, "results.json", results)
-    runs.write_confusion_csv(out, matrix, info.classes)
-    log("test confusion matrix (rows: true class, columns: predicted):\n" + format_matrix(matrix, info.classes))
-    plot_curves(history, os.path.join(out, "curves.png"), title=f"{config.model} on {config.dataset}")
-    if "best" in results:
-        log(f"best validation accuracy {results['best']['val_accuracy']:.4f} at epoch {results['best']['epoch']}: "
-            f"test accuracy {results['best']['test_accuracy']:.4f} (checkpoint in {out}/best)")
-    log(f"final test accuracy {accuracy:.4f}; metrics, results, curves.png and checkpoints in {out}")
+    best = evaluate_on(test, best_state) if best_state is not None else None
+    final = []
+    for r in replicas:
+        k, out, history = r.k, r.out, r.history
+        results = {"latest": dict(epoch=history[-1]["epoch"], step=history[-1]["step"], test_loss=float(loss[k]),
+                                  test_accuracy=float(accuracy[k]))}
+        if best is not None and r.best_step() is not None:
+            record = next(h for h in history if h["step"] == r.best_step())
+            results["best"] = dict(epoch=record["epoch"], step=record["step"], val_accuracy=record["val_accuracy"],
+                                   test_loss=float(best[0][k]), test_accuracy=float(best[1][k]))
+        matrix = confusion_matrix(data.test.labels, preds[k], info.num_classes)
+        results["confusion_matrix"] = "confusion_matrix.csv"
+        final.append(results)
+        if writer:
+            runs.write_json(out, "results.json", results)
+            runs.write_confusion_csv(out, matrix, info.classes)
+            plot_curves(history, os.path.join(out, "curves.png"), title=f"{config.model} on {config.dataset}"
+                        + (f", seed {r.seed}" if config.seeds > 1 else ""))
+        if config.seeds == 1:
+            log("test confusion matrix (rows: true class, columns: predicted):\n" + format_matrix(matrix, info.classes))
+        if "best" in results:
+            log(f"{'' if config.seeds == 1 else f'seed {r.seed}: '}best validation accuracy "
+                f"{results['best']['val_accuracy']:.4f} at epoch {results['best']['epoch']}: "
+                f"test accuracy {results['best']['test_accuracy']:.4f} (checkpoint in {out}/best)")
+    if config.seeds == 1:
+        log(f"final test accuracy {float(accuracy[0]):.4f}; metrics, results, curves.png and checkpoints in {config.out}")
+    else:
+        log(f"final test accuracy over seeds {replicas[0].seed}..{replicas[-1].seed}: {np.mean(accuracy):.4f} ± "
+            f"{np.std(accuracy):.4f} (min {np.min(accuracy):.4f}, max {np.max(accuracy):.4f}); each seed's run in "
+            f"{config.out}/seed_S, their mean and spread in {config.out}/seeds.jsonl")
+    return final
 
 
 def format_matrix(matrix, class_names=None) -> str:
@@ -292,6 +459,30 @@ def plot_curves(history, path: str, *, title: str = ""):
         for split in splits:
             ax.plot(epochs, [h[f"{split}_{metric}"] for h in history], label={"val": "validation"}.get(split, split))
         ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(f"{path}.tmp", dpi=100, format="png")
+    plt.close(fig)
+    os.replace(f"{path}.tmp", path)
+
+
+def plot_seed_band(histories, path: str, *, title: str = ""):
+    """Mean over seeds per epoch with a band of one standard deviation, for every split."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in histories[0]]
+    splits = ["train"] + [s for s in ("val", "test") if f"{s}_loss" in histories[0][0]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for split in splits:
+            values = np.array([[h[f"{split}_{metric}"] for h in history] for history in histories])
+            mean, std = values.mean(0), values.std(0)
+            line, = ax.plot(epochs, mean, label={"val": "validation"}.get(split, split))
+            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.25)
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} (mean ± std over {len(histories)} seeds)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

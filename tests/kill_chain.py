@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-TIMING = ("images_per_s", "wall_s")  # the only fields a resumed run may change
+from jaxconv.train import TIMING_FIELDS as TIMING  # the only fields a resumed run may change
 
 
 def train(args, *, wait=True, timeout=300):

@@ -118,7 +118,7 @@ def test_records_with_validation_keep_one_shape_and_the_test_set_for_the_end(tmp
     history = fit(TrainConfig(epochs=2, val_split=0.2, test_every_epoch=True, out=str(tmp_path)), dataset=data,
                   log=quiet)
     keys = {"epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
-            "test_accuracy", "images_per_s", "wall_s"}
+            "test_accuracy", "images_per_s", "images_per_s_per_device", "wall_s", "devices", "device_kind", "processes"}
     assert all(set(h) == keys for h in history)
     assert history[-1]["step"] == 2 * 4  # 400 training examples in batches of 100
     results = json.load(open(tmp_path / "results.json"))

@@ -11,7 +11,7 @@ import pytest
 
 from jaxconv import checkpoints as ckpt
 from jaxconv.data import load_dataset
-from jaxconv.train import TrainConfig, fit, init_state, resolve
+from jaxconv.train import TIMING_FIELDS, TrainConfig, fit, init_state, resolve
 from tests.kill_chain import differences, kill_chain, outcome, timed, train
 from tests.test_train import quiet, subset
 
@@ -82,7 +82,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_pat
     (out / "config.json").write_text(json.dumps({**json.load(open(tmp_path / "fresh" / "config.json")),
                                                  "out": str(out)}))
     resumed = fit(TrainConfig(epochs=2, out=str(out)), dataset=data, log=quiet, resume=True)
-    strip = lambda h: [{k: v for k, v in r.items() if k not in ("images_per_s", "wall_s")} for r in h]
+    strip = lambda h: [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in h]
     assert strip(resumed) == strip(fresh)
 
 

@@ -36,7 +36,10 @@ def test_mnist1d_family(tmp_path):
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [l["epoch"] for l in lines] == list(range(1, 11))
     assert all(set(l) == {"epoch", "step", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                          "images_per_s", "wall_s"} for l in lines)  # one record shape
+                          "images_per_s", "images_per_s_per_device", "wall_s", "devices", "device_kind",
+                          "processes"} for l in lines)  # one record shape
+    assert (lines[0]["devices"], lines[0]["device_kind"], lines[0]["processes"]) == (1, "cpu", 1)
+    assert lines[0]["images_per_s_per_device"] == lines[0]["images_per_s"]
     matrix = np.loadtxt(tmp_path / "confusion_matrix.csv", delimiter=",", skiprows=1, usecols=range(1, 11))
     assert matrix.sum() == 300  # every test example counted once
     assert json.load(open(tmp_path / "results.json"))["latest"]["test_accuracy"] == lines[-1]["test_accuracy"]

@@ -1,0 +1,169 @@
+"""Where a run computes: a 1-D mesh over the data axis, on one device, every device of a host, or many hosts.
+
+jaxconv never assumes one device or one process. A run's parameters, optimizer state and whole dataset are
+replicated on every device of the mesh; each global batch is split across the devices along the ``data``
+axis inside one jitted step (each device gathers its share of the batch from its own copy of the data),
+and XLA inserts the gradient all-reduce. Batch statistics (BatchNorm) are therefore computed over the
+global batch, exactly as on one device.
+
+Across hosts, :func:`initialize` calls ``jax.distributed.initialize`` (with CPU collectives over gloo on
+CPU hosts) before anything else touches JAX; every process then puts its own copy of the data on its own
+devices (``jax.make_array_from_process_local_data``), and all of them run the same program. Only process 0
+writes the run folder's files; checkpoints go through Orbax, which every process joins.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+
+def initialize(coordinator: str, num_processes: int, process_id: int, *, heartbeat_s: int = 20) -> None:
+    """Join a multi-process run: ``jax.distributed.initialize`` with a bounded heartbeat, gloo collectives on
+    CPU, and a watchdog that stops this process with one line naming a peer that stopped responding."""
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id must be in [0, {num_processes}) for --num-processes {num_processes}, "
+                         f"got {process_id}")
+    if ":" not in coordinator:
+        raise ValueError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only CPU reads it; GPUs/TPUs have their own
+    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_s,
+                               initialization_timeout=max(heartbeat_s * 3, 60))
+    if num_processes > 1:
+        _WATCHDOG.append(_Watchdog(process_id, num_processes, heartbeat_s))
+        _WATCHDOG[-1].start()
+
+
+_WATCHDOG: list = []
+
+
+def shutdown() -> None:
+    """Leave a multi-process run cleanly: wait for every peer, stop the watchdog, disconnect."""
+    if jax.process_count() > 1:
+        sync("shutdown")
+        for dog in _WATCHDOG:
+            dog.done.set()
+        jax.distributed.shutdown()
+
+
+class _Watchdog(threading.Thread):
+    """Every second, each process stamps its heartbeat in the coordination service's key-value store and
+    reads its peers'. A peer silent for ``2/3`` of the JAX heartbeat timeout (before JAX's own abort, which
+    prints a native stack trace) ends this process with one line and exit status 1; so does losing the
+    coordination service itself (process 0 gone)."""
+
+    def __init__(self, me: int, count: int, heartbeat_s: int):
+        super().__init__(daemon=True, name="jaxconv-watchdog")
+        self.me, self.count, self.limit = me, count, max(heartbeat_s * 2 / 3, 3.0)
+        self.done = threading.Event()
+
+    def run(self):
+        from jax._src import distributed
+        client = distributed.global_state.client
+        seen = {p: time.monotonic() for p in range(self.count)}
+        beat = 0
+        while not self.done.wait(1.0):
+            beat += 1
+            try:
+                client.key_value_set(f"jaxconv/alive/{self.me}", str(beat), allow_overwrite=True)
+                for peer in range(self.count):
+                    if peer == self.me:
+                        continue
+                    value = client.key_value_try_get(f"jaxconv/alive/{peer}")
+                    if value != seen.get(f"v{peer}"):
+                        seen[f"v{peer}"], seen[peer] = value, time.monotonic()
+            except Exception:  # noqa: BLE001 - the coordination service (process 0) is unreachable
+                if self.done.is_set():
+                    return
+                if self.me != 0:
+                    _lost(self.me, self.count, 0, "its coordination service is unreachable")
+                continue
+            now = time.monotonic()
+            for peer in range(self.count):
+                if peer != self.me and now - seen[peer] > self.limit and not self.done.is_set():
+                    _lost(self.me, self.count, peer, f"no heartbeat for {now - seen[peer]:.0f} s")
+
+
+def _lost(me: int, count: int, peer: int, why: str) -> None:
+    sys.stderr.write(f"jaxconv: process {me} of {count}: lost process {peer} ({why}); stopping. Restart every "
+                     f"process with --resume to continue from the last checkpoint.\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def select_devices(devices: str | int) -> list:
+    """The mesh's devices: ``"all"`` (every device of every process), or ``N`` per process (the first N of
+    each process's local devices; N must divide the batch, see :func:`check_batch`)."""
+    if devices == "all":
+        return list(jax.devices())
+    n = int(devices)
+    local = jax.local_device_count()
+    if not 1 <= n <= local:
+        raise ValueError(f"--devices {n}: this process has {local} {jax.default_backend()} device(s)"
+                         + ("; on a CPU host set JAX_NUM_CPU_DEVICES before starting for more" if
+                            jax.default_backend() == "cpu" else ""))
+    by_process: dict[int, list] = {}
+    for d in jax.devices():
+        by_process.setdefault(d.process_index, []).append(d)
+    return [d for p in sorted(by_process) for d in by_process[p][:n]]
+
+
+def make_mesh(devices: str | int = "all") -> Mesh:
+    """A 1-D mesh named ``data`` over :func:`select_devices`."""
+    chosen = select_devices(devices)
+    # Auto axes: jit's sharding propagation places everything but the batch split, which each step states.
+    return jax.make_mesh((len(chosen),), (AXIS,), devices=chosen, axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def check_batch(batch: int, mesh: Mesh, flag: str = "--batch-size") -> None:
+    n = mesh.size
+    if batch % n:
+        lower, upper = batch - batch % n, batch + n - batch % n
+        raise ValueError(f"{flag} {batch} is the global batch and must divide by the {n} devices it is split "
+                         f"across; try {lower or upper} or {upper}")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def split(mesh: Mesh) -> NamedSharding:
+    """Leading axis split over the devices."""
+    return NamedSharding(mesh, P(AXIS))
+
+
+def put(mesh: Mesh, array) -> jax.Array:
+    """This process's full copy of ``array`` on each of its devices of the mesh (one global, replicated array)."""
+    return jax.make_array_from_process_local_data(replicated(mesh), np.asarray(array))
+
+
+def fetch(array) -> np.ndarray:
+    """A replicated (or single-device) array's value on the host, in any process."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        return np.asarray(array.addressable_data(0))
+    return np.asarray(array)
+
+
+def is_writer() -> bool:
+    """Only process 0 writes a run's files."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Every process waits here for the others (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"jaxconv:{name}")
+
+
+def describe(mesh: Mesh) -> str:
+    kinds = sorted({d.device_kind for d in mesh.devices.flat})
+    hosts = jax.process_count()
+    return (f"{mesh.size} {'/'.join(kinds)} device(s)" + (f" in {hosts} processes" if hosts > 1 else ""))
