@@ -238,6 +238,8 @@ def main(argv=None) -> int:
         if message is None:
             raise
         print(f"jaxconv {args.command}: {message}", file=sys.stderr)
+        if "jaxconv.parallel" in sys.modules:  # a multi-process run leaves without waiting for its peers
+            sys.modules["jaxconv.parallel"].leave_now(status)
         return status
 
 
@@ -265,6 +267,7 @@ def _quiet_echoes_of_failed_writes():
 def explain(err: BaseException) -> tuple[str | None, int]:
     """``(one line, exit status)`` for a failure a user can cause or meet; ``(None, 0)`` for a bug."""
     import errno
+    from jaxconv import parallel
     from jaxconv.data import DataError
     from jaxconv.train import OutOfMemory, Stopped, TrainingDiverged
 
@@ -276,6 +279,9 @@ def explain(err: BaseException) -> tuple[str | None, int]:
         return f"error: {err}", 2
     if isinstance(err, (TrainingDiverged, OutOfMemory)):
         return f"error: {err}", 1
+    lost = parallel.failed_collective(err)
+    if lost:
+        return f"error: {lost}", 1
     if isinstance(err, OSError) and err.errno is not None:
         where = f" ({err.filename})" if err.filename else ""
         hint = {errno.ENOSPC: "; free some space or choose another --out, then --resume",

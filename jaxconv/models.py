@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -321,7 +322,9 @@ def create_model(name: str, *, input_shape=None, num_classes: int | None = None,
             f"create_model: {name} takes {len(spec.input_shape) - 1}-D inputs like {spec.input_shape}, "
             f"got input shape {input_shape}"
         )
-    rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
+    if rngs is None:  # a traced seed (models built under jax.vmap, one per seed) becomes a key as an int would
+        key = (lambda s: s) if isinstance(seed, int) else jax.random.key
+        rngs = nnx.Rngs(params=key(seed), dropout=key(seed + 1))
     builder = Builder(input_shape, grad=grad, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     try:
         spec.build(builder, spec.num_classes if num_classes is None else num_classes)

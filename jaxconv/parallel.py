@@ -25,19 +25,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXIS = "data"
 
 
-def initialize(coordinator: str, num_processes: int, process_id: int, *, heartbeat_s: int = 20) -> None:
-    """Join a multi-process run: ``jax.distributed.initialize`` with a bounded heartbeat, gloo collectives on
-    CPU, and a watchdog that stops this process with one line naming a peer that stopped responding."""
+def initialize(coordinator: str, num_processes: int, process_id: int, *, silence_s: float = 10.0) -> None:
+    """Join a multi-process run: ``jax.distributed.initialize``, gloo collectives on CPU, and a watchdog that
+    stops this process with one line naming a peer silent for ``silence_s`` seconds.
+
+    JAX's own heartbeat (set to ``6 * silence_s``; it declares a task dead after about 60 % of that) stays as
+    the backstop: it aborts with a native stack trace, so the watchdog must speak first. When process 0 is
+    lost, the coordination service it hosts goes with it, and JAX's client ends the other processes at once
+    with its own message ("the leader task was preempted/died"); that abort cannot be answered from Python."""
     if num_processes < 1 or not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id must be in [0, {num_processes}) for --num-processes {num_processes}, "
                          f"got {process_id}")
     if ":" not in coordinator:
         raise ValueError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only CPU reads it; GPUs/TPUs have their own
-    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_s,
-                               initialization_timeout=max(heartbeat_s * 3, 60))
+    jax.distributed.initialize(coordinator, num_processes, process_id,
+                               heartbeat_timeout_seconds=int(6 * silence_s), initialization_timeout=120)
     if num_processes > 1:
-        _WATCHDOG.append(_Watchdog(process_id, num_processes, heartbeat_s))
+        _WATCHDOG.append(_Watchdog(process_id, num_processes, silence_s))
         _WATCHDOG[-1].start()
 
 
@@ -55,13 +60,12 @@ def shutdown() -> None:
 
 class _Watchdog(threading.Thread):
     """Every second, each process stamps its heartbeat in the coordination service's key-value store and
-    reads its peers'. A peer silent for ``2/3`` of the JAX heartbeat timeout (before JAX's own abort, which
-    prints a native stack trace) ends this process with one line and exit status 1; so does losing the
-    coordination service itself (process 0 gone)."""
+    reads its peers'. A peer silent for ``limit`` seconds ends this process with one line naming it and exit
+    status 1; so does losing the coordination service itself (process 0 gone)."""
 
-    def __init__(self, me: int, count: int, heartbeat_s: int):
+    def __init__(self, me: int, count: int, limit: float):
         super().__init__(daemon=True, name="jaxconv-watchdog")
-        self.me, self.count, self.limit = me, count, max(heartbeat_s * 2 / 3, 3.0)
+        self.me, self.count, self.limit = me, count, limit
         self.done = threading.Event()
 
     def run(self):
@@ -89,6 +93,28 @@ class _Watchdog(threading.Thread):
             for peer in range(self.count):
                 if peer != self.me and now - seen[peer] > self.limit and not self.done.is_set():
                     _lost(self.me, self.count, peer, f"no heartbeat for {now - seen[peer]:.0f} s")
+
+
+def failed_collective(err: BaseException) -> str | None:
+    """For an error of a multi-process run that a lost peer explains (a collective's connection closed): give the
+    watchdog the time to name the lost process (it ends this process), else one line for the CLI. Else ``None``."""
+    if not _WATCHDOG or not isinstance(err, jax.errors.JaxRuntimeError):
+        return None
+    deadline = time.monotonic() + _WATCHDOG[0].limit + 3
+    while time.monotonic() < deadline:  # the watchdog's _lost() exits the process from its own thread
+        time.sleep(0.5)
+    first = str(err).strip().splitlines()[0][:200]
+    return (f"a collective operation with the other processes failed ({first}); restart every process with "
+            f"--resume to continue from the last checkpoint")
+
+
+def leave_now(status: int) -> None:
+    """End a multi-process run's process at once: JAX's exit handler would wait at a shutdown barrier that the
+    lost peer never reaches, and then abort with a native stack trace."""
+    if _WATCHDOG:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _lost(me: int, count: int, peer: int, why: str) -> None:

@@ -102,8 +102,9 @@ def make_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info, mes
 
 
 def make_replica_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, info, mesh, replicas: int):
-    """``make_steps`` over a state with a leading replica axis (many seeds in one program): ``jax.vmap`` over the
-    replicas (one compile, one dispatch per step for all), or, for one replica, the single program itself.
+    """``make_steps`` over a state with a leading replica axis (many seeds in one program, one compile and one
+    dispatch per step for all): ``jax.vmap`` over the replicas, or, where :func:`jaxconv.compiler.replica_strategy`
+    says so (XLA:CPU), one copy of the step per replica inside the one program; one replica is the single program.
 
     ``order`` is ``[replicas, steps, batch]``; eval's ``idx`` is ``[replicas, steps, batch]``; every output
     gains the leading replica axis."""
@@ -115,13 +116,15 @@ def make_replica_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, i
 
 
 def _over_replicas(fn, in_axes, replicas: int):
-    if replicas > 1:
+    """``fn`` over a leading replica axis of the arguments whose ``in_axes`` is 0, as one program."""
+    if replicas > 1 and compiler.replica_strategy() == "vmap":
         return jax.vmap(fn, in_axes=in_axes)
 
-    def one(*args):  # the unbatched program, so that a one-seed run computes exactly what it always did
-        args = [jax.tree.map(lambda a: a[0], x) if axis == 0 else x for x, axis in zip(args, in_axes)]
-        return jax.tree.map(lambda a: a[None], fn(*args))
-    return one
+    def unrolled(*args):  # one copy of the program per replica; for one replica, the program itself
+        outs = [fn(*[jax.tree.map(lambda a: a[k], x) if axis == 0 else x for x, axis in zip(args, in_axes)])
+                for k in range(replicas)]
+        return jax.tree.map(lambda *o: jnp.stack(o), *outs)
+    return unrolled
 
 
 def _step_functions(graphdef_train, graphdef_eval, tx, config: TrainConfig, info, mesh):
@@ -209,16 +212,17 @@ def build_model(config: TrainConfig, input_shape, num_classes: int):
 
 
 def init_replicas(config: TrainConfig, seeds, input_shape, num_classes: int, steps_per_epoch: int, mesh):
-    """The states of one run per seed in ``seeds``, stacked on a leading replica axis and replicated over ``mesh``
-    (built inside ``jit`` so that every process of a multi-process run computes its own identical copy)."""
+    """The states of one run per seed in ``seeds``, stacked on a leading replica axis and replicated over ``mesh``.
+
+    The model is built once, inside ``jit`` and ``vmap`` over the seeds: every process of a multi-process run
+    computes its own identical copy, and each seed's slice equals what a one-seed run of that seed builds."""
     _, graphdef_train, graphdef_eval, tx = init_state(config, input_shape, num_classes, steps_per_epoch)
 
-    def build():
-        states = [init_state(dataclasses.replace(config, seed=s), input_shape, num_classes, steps_per_epoch)[0]
-                  for s in seeds]
-        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    def build(seed):
+        return init_state(dataclasses.replace(config, seed=seed), input_shape, num_classes, steps_per_epoch)[0]
 
-    states = compiler.jit(build, out_shardings=parallel.replicated(mesh))()
+    seeds = jnp.asarray(list(seeds), jnp.int32)
+    states = compiler.jit(jax.vmap(build), out_shardings=parallel.replicated(mesh))(seeds)
     return states, graphdef_train, graphdef_eval, tx
 
 

@@ -422,8 +422,8 @@ def _finish(config, replicas, state, best_state, info, data, test, evaluate_on, 
         if writer:
             runs.write_json(out, "results.json", results)
             runs.write_confusion_csv(out, matrix, info.classes)
-            plot_curves(history, os.path.join(out, "curves.png"), title=f"{config.model} on {config.dataset}"
-                        + (f", seed {r.seed}" if config.seeds > 1 else ""))
+            if config.seeds == 1:  # a many-seed run draws every seed in one picture (plot_seed_band)
+                plot_curves(history, os.path.join(out, "curves.png"), title=f"{config.model} on {config.dataset}")
         if config.seeds == 1:
             log("test confusion matrix (rows: true class, columns: predicted):\n" + format_matrix(matrix, info.classes))
         if "best" in results:
@@ -468,8 +468,8 @@ def plot_curves(history, path: str, *, title: str = ""):
     os.replace(f"{path}.tmp", path)
 
 
-def plot_seed_band(histories, path: str, *, title: str = ""):
-    """Mean over seeds per epoch with a band of one standard deviation, for every split."""
+def plot_seed_band(histories, path: str, *, title: str = "", seeds=None):
+    """Every seed's curves (thin) and their mean with a band of one standard deviation, for every split."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -482,7 +482,9 @@ def plot_seed_band(histories, path: str, *, title: str = ""):
             mean, std = values.mean(0), values.std(0)
             line, = ax.plot(epochs, mean, label={"val": "validation"}.get(split, split))
             ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.25)
-        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} (mean ± std over {len(histories)} seeds)")
+            for row in values:
+                ax.plot(epochs, row, color=line.get_color(), linewidth=0.5, alpha=0.5)
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric}: {len(histories)} seeds, mean ± std")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
