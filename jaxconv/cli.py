@@ -156,7 +156,7 @@ def _eval(args) -> int:
     from jaxconv.data import DATASETS, load_dataset
     from jaxconv.inference import load
     from jaxconv.steps import confusion_matrix
-    from jaxconv.train import format_matrix
+    from jaxconv.reports import format_matrix
 
     model = load(args.out, args.which)
     config, info = model.config, DATASETS[model.config.dataset]

@@ -32,6 +32,7 @@ from jaxconv import checkpoints as ckpt
 from jaxconv import parallel, runs
 from jaxconv.config import MODEL_RECIPES, RECIPES, TrainConfig, check_resume, describe, resolve  # noqa: F401
 from jaxconv.data import DATASETS, Dataset, load_dataset, split_indices
+from jaxconv.reports import format_matrix, plot_curves, plot_seed_band  # noqa: F401
 from jaxconv.steps import (DTYPES, TrainState, confusion_matrix, evaluate, init_replicas, init_state,  # noqa: F401
                            make_optimizer, make_replica_steps, make_schedule, make_steps)
 
@@ -230,7 +231,6 @@ def _fit(config, resume, overwrite, dataset, log, signals):
     if resume:
         check_resume(resolve(runs.load_config(out)), config)
     parallel.sync("checked")  # every process has looked at the folder before process 0 writes to it
-    mesh = parallel.make_mesh(config.devices)
     data = dataset or load_dataset(config.dataset, data_dir=config.data_dir, source=config.source)
     info = DATASETS[config.dataset]
     n_all, seeds = len(data.train), [config.seed + k for k in range(config.seeds)]
@@ -240,6 +240,7 @@ def _fit(config, resume, overwrite, dataset, log, signals):
     replicas = [_Replica(config, k, held) for k, (_, held) in enumerate(splits)]
     n_train = len(splits[0][0])
     batch = min(config.batch_size, n_train)
+    mesh = parallel.make_mesh(config.devices, batch=batch)
     parallel.check_batch(batch, mesh)
     steps = n_train // batch  # the last partial batch is dropped: one compiled shape
     state, graphdef_train, graphdef_eval, tx = init_replicas(config, seeds, data.train.images.shape[1:],
@@ -285,7 +286,9 @@ def _fit(config, resume, overwrite, dataset, log, signals):
 
     held = f" / {len(replicas[0].validation_rows)} validation" if validation else ""
     log(f"{config.dataset} ({data.source}): {n_train} train{held} / {len(data.test)} test; model {config.model}; "
-        f"{config.epochs} epochs x {steps} steps of {batch}; {describe(config)}; on {parallel.describe(mesh)}")
+        f"{config.epochs} epochs x {steps} steps of {batch}; {describe(config)}; on {parallel.describe(mesh)}"
+        + (f" (of {jax.device_count()}: the batch of {batch} does not divide by more)"
+           if mesh.size < jax.device_count() and config.devices == "all" else ""))
     start = int(parallel.fetch(state.step)[0])
     if resume:
         log(f"resuming {out} at step {start} (epoch {start // steps + 1}, step {start % steps + 1} of {steps})")
@@ -437,58 +440,3 @@ def _finish(config, replicas, state, best_state, info, data, test, evaluate_on, 
             f"{np.std(accuracy):.4f} (min {np.min(accuracy):.4f}, max {np.max(accuracy):.4f}); each seed's run in "
             f"{config.out}/seed_S, their mean and spread in {config.out}/seeds.jsonl")
     return final
-
-
-def format_matrix(matrix, class_names=None) -> str:
-    width = max(len(str(int(matrix.max()))), 3)
-    names = [str(n)[:12] for n in (class_names or range(matrix.shape[0]))]
-    label = max(len(n) for n in names)
-    head = " " * (label + 6) + " ".join(f"{j:>{width}d}" for j in range(matrix.shape[1]))
-    rows = [f"{i:>3d} {names[i]:<{label}s}: " + " ".join(f"{v:>{width}d}" for v in row) for i, row in enumerate(matrix)]
-    return "\n".join([head] + rows)
-
-
-def plot_curves(history, path: str, *, title: str = ""):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [h["epoch"] for h in history]
-    splits = ["train"] + [s for s in ("val", "test") if f"{s}_loss" in history[0]]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        for split in splits:
-            ax.plot(epochs, [h[f"{split}_{metric}"] for h in history], label={"val": "validation"}.get(split, split))
-        ax.set(xlabel="epoch", ylabel=metric, title=metric)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(f"{path}.tmp", dpi=100, format="png")
-    plt.close(fig)
-    os.replace(f"{path}.tmp", path)
-
-
-def plot_seed_band(histories, path: str, *, title: str = "", seeds=None):
-    """Every seed's curves (thin) and their mean with a band of one standard deviation, for every split."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [h["epoch"] for h in histories[0]]
-    splits = ["train"] + [s for s in ("val", "test") if f"{s}_loss" in histories[0][0]]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        for split in splits:
-            values = np.array([[h[f"{split}_{metric}"] for h in history] for history in histories])
-            mean, std = values.mean(0), values.std(0)
-            line, = ax.plot(epochs, mean, label={"val": "validation"}.get(split, split))
-            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.25)
-            for row in values:
-                ax.plot(epochs, row, color=line.get_color(), linewidth=0.5, alpha=0.5)
-        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric}: {len(histories)} seeds, mean ± std")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(f"{path}.tmp", dpi=100, format="png")
-    plt.close(fig)
-    os.replace(f"{path}.tmp", path)
