@@ -23,7 +23,7 @@ def stop_after_first_epoch(line: str) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 
 
-def devices(out: str, n_train: int = 1200, n_test: int = 300) -> dict:
+def devices(out: str, n_train: int = 600, n_test: int = 200) -> dict:
     """The same 3-epoch run on 1 and on 4 devices: a plain CNN in float32; a BatchNorm CNN in float32 and in
     float64 (its float32 training amplifies rounding differences: see tests/test_parallel.py)."""
     import jax
@@ -40,7 +40,7 @@ def devices(out: str, n_train: int = 1200, n_test: int = 300) -> dict:
 
 def portable(out: str) -> dict:
     """A run stopped after epoch 1 on ``a`` devices and resumed on ``b``, against one never stopped."""
-    data = subset(1200, 300)
+    data = subset(600, 200)
     result = {"whole": fit(TrainConfig(epochs=2, devices=4, out=f"{out}/whole"), dataset=data, log=lambda *a: None)}
     for a, b in ((4, 1), (1, 4)):
         config = TrainConfig(epochs=2, devices=a, out=f"{out}/{a}to{b}")
@@ -55,7 +55,7 @@ def portable(out: str) -> dict:
 
 
 def bad_batch(out: str) -> dict:
-    """A batch of 30 on 4 devices: refused when --devices 4 is asked for; the default takes the 2 it divides by."""
+    """A batch of 30 on 4 devices: refused when --devices 4 is asked for; the default takes the 3 it divides by."""
     result = {"error": None}
     try:
         fit(TrainConfig(epochs=1, batch_size=30, devices=4, out=out), dataset=subset(300, 50), log=lambda *a: None)

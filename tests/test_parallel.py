@@ -108,8 +108,8 @@ def test_the_global_batch_must_divide_by_the_devices(tmp_path):
     assert result["error"] == (
         "--batch-size 30 is the global batch and must divide by the 4 devices it is split across; try 28 or 32")
     assert not os.path.exists(tmp_path / "bad")  # refused before anything was written
-    assert result["default_devices"] == 2  # the default, all devices, takes as many as the batch divides by
-    assert result["opening"].endswith("on 2 cpu device(s) (of 4: the batch of 30 does not divide by more)")
+    assert result["default_devices"] == 3  # the default, all devices, takes as many as the batch divides by
+    assert result["opening"].endswith("on 3 cpu device(s) (of 4: the batch of 30 does not divide by more)")
     with pytest.raises(ValueError, match=r"--devices 2: this process has 1 cpu device\(s\); on a CPU host set "
                                          r"JAX_NUM_CPU_DEVICES"):
         fit(TrainConfig(epochs=1, devices=2, out=str(tmp_path / "two")), dataset=subset(load_dataset("mnist1d"), 200, 50))
