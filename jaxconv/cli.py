@@ -1,4 +1,4 @@
-"""The ``jaxconv`` command: train, eval, predict, summary, gradcheck.
+"""The ``jaxconv`` command: train, eval, predict, summary, gradcheck, bench.
 
 Every failure a user can cause gets one line on stderr: bad flags and inputs exit 2; a run that diverged,
 ran out of memory or could not write exits 1; a run stopped by a signal exits 128 + its number after its
@@ -104,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--dataset", choices=list(DATASETS), help="build the model for this dataset's input shape")
     summ.add_argument("--depth", type=int, help="nesting levels to show (0: the model's own layers; default: all)")
 
+    bench = sub.add_parser("bench", help="time training or inference steps: compile, step, img/s, FLOPs, MFU, memory",
+                           description="Every combination of the comma-separated lists is measured; see "
+                                       "jaxconv.bench for what each column means.")
+    bench.add_argument("--model", required=True, help="M[,M...] or all")
+    bench.add_argument("--batch-size", default="128", metavar="B[,B...]", help="global batch sizes (default 128)")
+    bench.add_argument("--dtype", default="float32", metavar="float32,bfloat16")
+    bench.add_argument("--grad", default="auto", metavar="auto,manual")
+    bench.add_argument("--devices", default="1", metavar="N[,N...]|all", help="devices the batch is split across")
+    bench.add_argument("--mode", default="train", metavar="train,inference")
+    bench.add_argument("--compare", choices=["torch"], help="also time the PyTorch twin (best of NCHW, channels_last)")
+    bench.add_argument("--steps", type=_positive_int, default=20, help="timed steps per configuration (default 20)")
+    bench.add_argument("--json", metavar="FILE", help="JSON lines: every field and the environment")
+    bench.add_argument("--csv", metavar="FILE")
+    bench.add_argument("--plot", metavar="FILE", help="PNG: throughput vs batch; scaling vs devices")
+
     gc = sub.add_parser("gradcheck", help="manual vs autodiff vs finite-difference gradients, per layer")
     gc.add_argument("--model", required=True, choices=list(MODELS))
     gc.add_argument("--batch-size", type=_positive_int, default=8)
@@ -201,6 +216,49 @@ def _summary(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import itertools
+    from jaxconv import bench
+    from jaxconv.models import MODELS
+
+    def listed(text, flag, choices=None, kind=str):
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        for v in values:
+            if choices is not None and v not in choices:
+                raise ValueError(f"{flag}: unknown {v!r}; choose from {', '.join(choices)}")
+            if kind is int and not (v.isdigit() and int(v) >= 1):
+                raise ValueError(f"{flag}: {v!r} is not a count >= 1")
+        return [kind(v) for v in values]
+
+    models = list(MODELS) if args.model == "all" else listed(args.model, "--model", list(MODELS))
+    grid = itertools.product(models, listed(args.mode, "--mode", ["train", "inference"]),
+                             listed(args.batch_size, "--batch-size", kind=int),
+                             listed(args.dtype, "--dtype", ["float32", "bfloat16"]),
+                             listed(args.grad, "--grad", ["auto", "manual"]),
+                             ["all"] if args.devices == "all" else listed(args.devices, "--devices", kind=int))
+    env = bench.environment()
+    print(f"jaxconv bench on {env['device_count']} {env['device_kind']} device(s), {env['cpu_count']} cores; "
+          f"jax {env['jax']}, flax {env['flax']}, torch {env['torch']}; XLA options {env['xla_options'] or 'none'}")
+    rows = []
+    for model, mode, batch, dtype, grad, devices in grid:
+        row = bench.measure(model, batch=batch, dtype=dtype, grad=grad, mode=mode, devices=devices,
+                            compare_torch=args.compare == "torch", steps=args.steps)
+        rows.append(row)
+        print(f"  {model} {mode} batch {batch} {dtype} grad={grad} x{row['devices']}: step {row['step_s'] * 1e3:.2f} ms"
+              + (f", torch {row['torch_step_s'] * 1e3:.2f} ms ({row['torch_layout']})" if "torch_step_s" in row else "")
+              + (f"; {row['torch_error']}" if row.get("torch_error") else ""), flush=True)
+    print(bench.format_table(rows))
+    print(f"FLOPs: multiply-add = 2 in both columns; model = jaxconv's summary count x batch (x3 for training); "
+          f"XLA = cost_analysis() of the compiled step. MFU against {rows[0]['peak_flops_per_s'] / rows[0]['devices']:.3g} "
+          f"FLOP/s per device ({rows[0]['peak_source']}). Memory: {rows[0]['memory_source']}.")
+    for path, write in ((args.json, bench.write_json_lines), (args.csv, bench.write_csv)):
+        if path:
+            write(path, rows, env)
+    if args.plot:
+        bench.plot(args.plot, rows)
+    return 0
+
+
 def _gradcheck(args) -> int:
     import jax
     jax.config.update("jax_enable_x64", True)
@@ -230,7 +288,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not os.environ.get("JAXCONV_DEBUG"):  # JAXCONV_DEBUG=1 keeps them
         _quiet_echoes_of_failed_writes()
-    commands = {"train": _train, "eval": _eval, "predict": _predict, "summary": _summary, "gradcheck": _gradcheck}
+    commands = {"train": _train, "eval": _eval, "predict": _predict, "summary": _summary, "gradcheck": _gradcheck,
+                "bench": _bench}
     try:
         return commands[args.command](args)
     except BaseException as err:  # every failure a user can cause or meet: one line, a status that says which

@@ -35,6 +35,9 @@ def devices(out: str, n_train: int = 600, n_test: int = 200) -> dict:
             config = TrainConfig(model=model, epochs=3, devices=n, dtype=dtype, out=f"{out}/{model}_{dtype}_{n}")
             result[f"{model}/{dtype}/{n}"] = fit(config, dataset=data, log=lambda *a: None)
     jax.config.update("jax_enable_x64", False)
+    for n in (1, 4):  # many seeds compose with devices: each replica's batch split across them
+        result[f"seeds/{n}"] = fit(TrainConfig(epochs=2, seeds=2, devices=n, out=f"{out}/seeds_{n}"), dataset=data,
+                                   log=lambda *a: None)
     return result
 
 

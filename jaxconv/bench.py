@@ -1,0 +1,377 @@
+"""Benchmarks a researcher can cite: compile time, step time, throughput, FLOPs, MFU and memory of a model's
+training or inference step, and the same model's PyTorch twin measured the same way beside it.
+
+``measure(...)`` returns one flat dict per configuration (every field of the JSON, CSV and table of
+``jaxconv bench``). ``time_calls({name: fn})`` is the timer underneath, for a research script's own step.
+
+Conventions, said once:
+
+* FLOPs count a multiply-add as 2, in both columns: ``flops_xla`` is XLA's ``cost_analysis()`` of the
+  compiled step (forward, backward and optimizer update as compiled); ``flops_model`` is jaxconv's own
+  per-layer count (:func:`jaxconv.shapes.summary`) times the batch - the forward pass for inference, and
+  3x the forward pass for training (the backward pass computes a gradient for the input and for the
+  weights, each about one forward's work), the convention of Kaplan et al. (2020) and of most MFU reports.
+* MFU = achieved FLOP/s / the device's peak FLOP/s, achieved = ``flops_model`` / step time (the model's
+  necessary work, not what XLA happened to compile). Peaks come from :data:`PEAK_FLOPS` (vendor figures,
+  dense, per device); on a CPU, or a device the table lacks, from a float32 matmul timed once in this
+  process (``peak_source`` says which).
+* Memory: the device's ``memory_stats()['peak_bytes_in_use']`` where the backend has it; on a CPU, the
+  process's peak resident memory (``ru_maxrss``), which only grows over a run (``memory_source`` says).
+* Time: ``compile_s`` is the lowering and compilation of the step (``jit(...).lower(...).compile()``),
+  ``first_call_s`` the first call after it; then each contender's calls alternate round by round with the
+  others' (so a noisy machine slows all alike), each call waited for.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxconv import compiler, parallel
+from jaxconv import functional as F
+from jaxconv.models import create_model
+from jaxconv.shapes import summary
+
+# Peak dense FLOP/s per device (multiply-add = 2), from the vendors' data sheets. float32 is the plain
+# (non-tensor-core) rate; XLA's default float32 matmul precision may use TF32 on Ampere and later, so a
+# float32 MFU above 100 % on those means TF32 did the work.
+PEAK_FLOPS = {
+    # NVIDIA A100 data sheet: FP32 19.5 TFLOPS, BF16 tensor 312 TFLOPS (dense)
+    "A100": {"float32": 19.5e12, "bfloat16": 312e12},
+    # NVIDIA H100 SXM5 data sheet: FP32 67 TFLOPS, BF16 tensor 989 TFLOPS (dense; 1,979 with sparsity)
+    "H100": {"float32": 67e12, "bfloat16": 989e12},
+    # NVIDIA H200 SXM data sheet: the same compute as H100 SXM (FP32 67, BF16 989 dense)
+    "H200": {"float32": 67e12, "bfloat16": 989e12},
+    # Google Cloud TPU system architecture pages, BF16 per chip: v4 275, v5e 197, v5p 459, v6e 918 TFLOPS
+    "TPU v4": {"bfloat16": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12},
+    "TPU v5e": {"bfloat16": 197e12},
+    "TPU v5p": {"bfloat16": 459e12},
+    "TPU v5": {"bfloat16": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12},
+    "TPU v6e": {"bfloat16": 918e12},
+}
+
+
+def table_peak(device_kind: str, dtype: str) -> float | None:
+    """The table's peak for a device kind (longest matching name first), or ``None``."""
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in device_kind.lower():
+            return PEAK_FLOPS[name].get(dtype)
+    return None
+
+
+def measured_peak(dtype=jnp.float32, n: int = 2048, calls: int = 10) -> float:
+    """FLOP/s of an ``n x n`` by ``n x n`` matmul on the default device (the best of ``calls``)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(calls):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def time_calls(runs: dict[str, Callable[[], object]], *, steps: int = 20, warmup: int = 2) -> dict[str, dict]:
+    """For each ``runs[name]`` (a call that waits for its own result): the first call's seconds, then ``steps``
+    timed calls alternating between the contenders after ``warmup`` untimed ones.
+
+    Returns ``{name: {"first_s", "median_s", "q25_s", "q75_s", "samples"}}``."""
+    first = {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        run()
+        first[name] = time.perf_counter() - start
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    samples = {name: [] for name in runs}
+    for _ in range(steps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: dict(first_s=first[name], median_s=float(np.median(s)), q25_s=float(np.percentile(s, 25)),
+                       q75_s=float(np.percentile(s, 75)), samples=len(s)) for name, s in samples.items()}
+
+
+def jax_step(model, batch: int, *, mode: str, dtype: str, mesh, jit=compiler.jit):
+    """``(run, compiled)`` for ``model``'s training (SGD with momentum 0.9) or inference step on a random
+    batch split over ``mesh``: ``run()`` does one step and waits; ``compiled`` is the lowered-and-compiled
+    step (for its cost analysis)."""
+    real = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    key_x, key_y = jax.random.split(jax.random.key(0))
+    *positions, classes = model.output_shape(model.input_shape)
+    x = jax.device_put(jax.random.normal(key_x, (batch, *model.input_shape), real), parallel.split(mesh))
+    y = jax.device_put(jax.random.randint(key_y, (batch, *positions), 0, classes), parallel.split(mesh))
+    replicated = parallel.replicated(mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = jax.device_put((params, rest), replicated)
+    if mode == "inference":
+        model.eval()
+        graphdef, _, rest_eval = nnx.split(model, nnx.Param, ...)
+
+        def infer(p, r, x):
+            return nnx.merge(graphdef, p, r)(x)
+        step = jit(infer, out_shardings=parallel.split(mesh))
+        args = (params, jax.device_put(rest_eval, replicated), x)
+        return (lambda: jax.block_until_ready(step(*args))), _compiled(step, args)
+    tx = optax.sgd(0.01, momentum=0.9)
+
+    def train(p, opt_state, r, x, y):
+        def loss_fn(p):
+            m = nnx.merge(graphdef, p, r, copy=True)
+            return F.cross_entropy(m(x).astype(jnp.float32), y), nnx.state(m, nnx.Not(nnx.Param))
+        (loss, r), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        updates, opt_state = tx.update(g, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, r, x, y, loss
+
+    step = jit(train, donate_argnums=(0, 1, 2), out_shardings=(replicated,) * 3 + (parallel.split(mesh),) * 2
+               + (replicated,))
+    state = [params, jax.device_put(tx.init(params), replicated), rest, x, y]
+    compiled = _compiled(step, state)
+
+    def run():
+        *state[:], loss = step(*state)
+        jax.block_until_ready(loss)
+    return run, compiled
+
+
+def _compiled(step, args):
+    """``step`` lowered and compiled for ``args``, with the seconds it took as ``.seconds``."""
+    start = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    return _Timed(compiled, time.perf_counter() - start)
+
+
+class _Timed:
+    def __init__(self, compiled, seconds: float):
+        self.compiled, self.seconds = compiled, seconds
+
+    def cost_analysis(self):
+        return self.compiled.cost_analysis()
+
+
+def torch_step(model, batch: int, *, mode: str, dtype: str, channels_last: bool):
+    """The same step on ``model``'s PyTorch twin (CUDA when available): a call that waits."""
+    import torch
+    from jaxconv.torch_twin import torch_twin
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    real = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    net = torch_twin(model).to(device=device, dtype=real)
+    x = torch.randn(batch, model.input_shape[-1], *model.input_shape[:-1], device=device, dtype=real)
+    *positions, classes = model.output_shape(model.input_shape)
+    y = torch.randint(0, classes, (batch, *positions), device=device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if mode == "inference":
+        net.eval()
+
+        def infer():
+            with torch.inference_mode():
+                net(x)
+            sync()
+        return infer
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x).float(), y).backward()
+        opt.step()
+        sync()
+    return train
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled function, by XLA's cost analysis (multiply-add = 2); ``None`` if absent."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    value = (cost or {}).get("flops")
+    return float(value) if value is not None and value >= 0 else None
+
+
+def model_flops(model, batch: int, mode: str) -> float:
+    """jaxconv's own count: the summary's forward FLOPs per example x batch, x3 for a training step."""
+    forward = summary(model).total_flops * batch
+    return float(forward * (3 if mode == "train" else 1))
+
+
+def peak_memory(device) -> tuple[int, str]:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def environment() -> dict:
+    env = dict(jax=jax.__version__, jaxlib=jax.lib.__version__, python=platform.python_version(),
+               platform=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
+               device_count=jax.device_count(), process_count=jax.process_count(), cpu_count=os.cpu_count(),
+               xla_options=compiler.compiler_options() or {}, xla_flags=os.environ.get("XLA_FLAGS", ""))
+    import flax
+    env["flax"] = flax.__version__
+    try:
+        import torch
+        env["torch"], env["torch_threads"] = torch.__version__, torch.get_num_threads()
+    except ImportError:
+        env["torch"] = None
+    return env
+
+
+def measure(model_name, *, batch: int = 128, dtype: str = "float32", grad: str = "auto",
+            mode: str = "train", devices: str | int = 1, compare_torch: bool = False, steps: int = 20,
+            peak: tuple[float, str] | None = None) -> dict:
+    """One configuration, measured: see the module docstring for every field's meaning. ``model_name`` is a
+    registered model's name, or a built model (a module with ``input_shape``, e.g. ``Builder(...).build(name)``)."""
+    if mode not in ("train", "inference"):
+        raise ValueError(f"--mode must be train or inference, got {mode!r}")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    mesh = parallel.make_mesh(devices)
+    parallel.check_batch(batch, mesh)
+    if isinstance(model_name, str):
+        model = create_model(model_name, grad=grad, dtype=jnp.bfloat16 if dtype == "bfloat16" else None)
+    else:
+        model, model_name = model_name, getattr(model_name, "name", type(model_name).__name__)
+    run, compiled = jax_step(model, batch, mode=mode, dtype=dtype, mesh=mesh)
+    runs = {"jaxconv": run}
+    torch_error = None
+    if compare_torch:
+        try:
+            runs["torch NCHW"] = torch_step(model, batch, mode=mode, dtype=dtype, channels_last=False)
+            if len(model.input_shape) == 3:
+                runs["torch channels_last"] = torch_step(model, batch, mode=mode, dtype=dtype, channels_last=True)
+        except ImportError as err:
+            torch_error = f"PyTorch is not installed ({err}); install torch==2.13.0 to compare"
+    timed = time_calls(runs, steps=steps)
+    ours = timed["jaxconv"]
+    device = mesh.devices.flat[0]
+    if peak is None:
+        peak = _peak(device.device_kind, dtype)
+    flops_model, flops_xla = model_flops(model, batch, mode), xla_flops(compiled)
+    memory, memory_source = peak_memory(device)
+    row = dict(model=model_name, mode=mode, batch=batch, dtype=dtype, grad=grad, devices=mesh.size,
+               device_kind=device.device_kind, compile_s=compiled.seconds, first_call_s=ours["first_s"],
+               step_s=ours["median_s"],
+               step_q25_s=ours["q25_s"], step_q75_s=ours["q75_s"], steps=ours["samples"],
+               images_per_s=batch / ours["median_s"], images_per_s_per_device=batch / ours["median_s"] / mesh.size,
+               flops_model=flops_model, flops_xla=flops_xla,
+               flops_ratio=(flops_xla / flops_model) if flops_xla else None,
+               achieved_flops_per_s=flops_model / ours["median_s"], peak_flops_per_s=peak[0] * mesh.size,
+               peak_source=peak[1], memory_bytes=memory, memory_source=memory_source)
+    row["mfu"] = row["achieved_flops_per_s"] / row["peak_flops_per_s"]
+    torch_runs = {k: v for k, v in timed.items() if k.startswith("torch")}
+    if torch_runs:
+        layout, best = min(torch_runs.items(), key=lambda kv: kv[1]["median_s"])
+        row.update(torch_step_s=best["median_s"], torch_layout=layout.split(" ", 1)[1],
+                   torch_first_call_s=best["first_s"], speed_vs_torch=best["median_s"] / ours["median_s"])
+    elif compare_torch:
+        row["torch_error"] = torch_error
+    return row
+
+
+_PEAKS: dict = {}
+
+
+def _peak(device_kind: str, dtype: str) -> tuple[float, str]:
+    listed = table_peak(device_kind, dtype)
+    if listed is not None:
+        return listed, f"table: {device_kind} {dtype}"
+    if dtype not in _PEAKS:
+        real = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+        _PEAKS[dtype] = measured_peak(real)
+    return _PEAKS[dtype], f"measured: {dtype} 2048x2048 matmul in this process"
+
+
+# --------------------------------------------------------------------------- many configurations, written out
+
+COLUMNS = (("model", "model", "{}"), ("mode", "mode", "{}"), ("batch", "batch", "{}"), ("dtype", "dtype", "{}"),
+           ("grad", "grad", "{}"), ("devices", "dev", "{}"), ("compile_s", "compile s", "{:.2f}"),
+           ("step_s", "step ms", "{:.2f}", 1e3), ("images_per_s", "img/s", "{:,.0f}"),
+           ("images_per_s_per_device", "img/s/dev", "{:,.0f}"), ("flops_model", "GFLOP model", "{:.3f}", 1e-9),
+           ("flops_xla", "GFLOP XLA", "{:.3f}", 1e-9), ("mfu", "MFU", "{:.1%}"),
+           ("memory_bytes", "mem MiB", "{:,.0f}", 2 ** -20), ("torch_step_s", "torch ms", "{:.2f}", 1e3),
+           ("speed_vs_torch", "vs torch", "{:.2f}x"))
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table (the columns any row has)."""
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+
+    def cell(row, col):
+        value = row.get(col[0])
+        if value is None:
+            return "-"
+        return col[2].format(value * (col[3] if len(col) > 3 else 1))
+
+    body = [[cell(r, c) for c in cols] for r in rows]
+    widths = [max(len(c[1]), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(x.ljust(w) if i < 5 else x.rjust(w) for i, (x, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line([c[1] for c in cols]), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def write_json_lines(path: str, rows: list[dict], env: dict) -> None:
+    import json
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "environment": env}) + "\n")
+
+
+def write_csv(path: str, rows: list[dict], env: dict) -> None:
+    import csv
+    fields = list(dict.fromkeys(k for row in rows for k in row)) + [f"env_{k}" for k in env]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **{f"env_{k}": v for k, v in env.items()}})
+
+
+def plot(path: str, rows: list[dict]) -> None:
+    """Throughput against batch size per model (and mode, dtype); scaling efficiency against device count."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    series: dict = {}
+    for r in rows:
+        series.setdefault((r["model"], r["mode"], r["dtype"], r["grad"], r["devices"]), []).append(r)
+    for (model, mode, dtype, grad, devices), rs in series.items():
+        rs = sorted(rs, key=lambda r: r["batch"])
+        left.plot([r["batch"] for r in rs], [r["images_per_s"] for r in rs], marker="o",
+                  label=f"{model} {mode} {dtype} grad={grad} x{devices}")
+    left.set(xscale="log", xlabel="global batch", ylabel="images/s", title="throughput")
+    scaling: dict = {}
+    for r in rows:
+        scaling.setdefault((r["model"], r["mode"], r["dtype"], r["grad"], r["batch"]), []).append(r)
+    for key, rs in scaling.items():
+        base = next((r for r in rs if r["devices"] == 1), None)
+        if base is None or len(rs) < 2:
+            continue
+        rs = sorted(rs, key=lambda r: r["devices"])
+        right.plot([r["devices"] for r in rs], [r["images_per_s"] / (base["images_per_s"] * r["devices"]) for r in rs],
+                   marker="o", label=f"{key[0]} {key[1]} batch {key[4]}")
+    right.set(xlabel="devices", ylabel="throughput / (devices x one device's)", title="scaling efficiency")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,81 @@
+"""The benchmark harness's logic on tiny configurations: fields, FLOP counts against a hand count, MFU, the
+files it writes, and PyTorch's absence. No timing is ever asserted."""
+import csv
+import json
+import sys
+
+import pytest
+
+from jaxconv import bench
+from jaxconv.cli import main
+from jaxconv.models import Builder
+
+GIVEN_PEAK = (1e12, "given")
+
+
+def one_conv():
+    """8x8x1 -> 3x3 conv, 4 channels, VALID -> 6x6x4: per example 144 outputs x 9 taps = 1,296 multiply-adds
+    (2,592 FLOPs) plus 144 bias adds = 2,736 FLOPs."""
+    return Builder((8, 8, 1)).conv(4, (3, 3)).build("one_conv")
+
+
+def test_flops_agree_with_a_hand_count_and_with_xla():
+    inference = bench.measure(one_conv(), batch=2, mode="inference", steps=2, peak=GIVEN_PEAK)
+    assert inference["flops_model"] == 2 * 2736
+    assert inference["flops_xla"] == pytest.approx(2 * 2736, rel=0.05)
+    train = bench.measure(one_conv(), batch=2, mode="train", steps=2, peak=GIVEN_PEAK)
+    assert train["flops_model"] == 3 * 2 * 2736  # forward, input gradient, weight gradient
+    assert train["flops_xla"] > train["flops_model"] * 0.5  # XLA's count of the compiled step, optimizer included
+
+
+def test_every_field_is_consistent():
+    row = bench.measure("mnist1d_cnn", batch=8, mode="train", steps=3, peak=GIVEN_PEAK)
+    assert (row["model"], row["mode"], row["batch"], row["dtype"], row["grad"], row["devices"]) == (
+        "mnist1d_cnn", "train", 8, "float32", "auto", 1)
+    assert row["steps"] == 3 and row["step_q25_s"] <= row["step_s"] <= row["step_q75_s"]
+    assert row["images_per_s"] == pytest.approx(8 / row["step_s"])
+    assert row["images_per_s_per_device"] == row["images_per_s"]
+    assert row["achieved_flops_per_s"] == pytest.approx(row["flops_model"] / row["step_s"])
+    assert row["mfu"] == pytest.approx(row["achieved_flops_per_s"] / 1e12)
+    assert (row["peak_flops_per_s"], row["peak_source"]) == (1e12, "given")
+    assert row["compile_s"] > 0 and row["first_call_s"] > 0 and row["memory_bytes"] > 0
+    assert row["flops_ratio"] == pytest.approx(row["flops_xla"] / row["flops_model"])
+
+
+def test_peaks_come_from_the_table_or_a_measured_matmul():
+    assert bench.table_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert bench.table_peak("NVIDIA A100-SXM4-40GB", "float32") == 19.5e12
+    assert bench.table_peak("TPU v5 lite", "bfloat16") == 197e12
+    assert bench.table_peak("TPU v5p", "bfloat16") == 459e12
+    assert bench.table_peak("cpu", "float32") is None
+    peak, source = bench._peak("cpu", "float32")
+    assert peak > 1e9 and source.startswith("measured: float32 2048x2048 matmul")
+
+
+def test_without_torch_the_comparison_is_skipped_with_a_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    row = bench.measure("mnist1d_cnn", batch=4, mode="inference", steps=2, compare_torch=True, peak=GIVEN_PEAK)
+    assert "torch_step_s" not in row
+    assert row["torch_error"].endswith("install torch==2.13.0 to compare")
+
+
+def test_the_command_writes_table_json_csv_and_plot(tmp_path, capsys):
+    paths = {k: tmp_path / f"b.{k}" for k in ("jsonl", "csv", "png")}
+    assert main(["bench", "--model", "mnist1d_cnn", "--batch-size", "4,8", "--mode", "inference", "--steps", "2",
+                 "--json", str(paths["jsonl"]), "--csv", str(paths["csv"]), "--plot", str(paths["png"])]) == 0
+    out = capsys.readouterr().out
+    assert "mnist1d_cnn  inference  4" in out and "mnist1d_cnn  inference  8" in out
+    assert "multiply-add = 2 in both columns" in out
+    rows = [json.loads(line) for line in open(paths["jsonl"])]
+    assert [r["batch"] for r in rows] == [4, 8]
+    assert rows[0]["environment"]["jax"] and rows[0]["environment"]["device_count"] == 1
+    table = list(csv.DictReader(open(paths["csv"])))
+    assert [int(r["batch"]) for r in table] == [4, 8] and "env_jax" in table[0]
+    assert paths["png"].stat().st_size > 1000
+
+
+def test_bad_lists_are_one_line(capsys):
+    assert main(["bench", "--model", "mnist1d_cnn,nope"]) == 2
+    assert "jaxconv bench: error: --model: unknown 'nope'; choose from mnist1d_cnn" in capsys.readouterr().err
+    assert main(["bench", "--model", "mnist1d_cnn", "--batch-size", "8,0"]) == 2
+    assert capsys.readouterr().err == "jaxconv bench: error: --batch-size: '0' is not a count >= 1\n"
