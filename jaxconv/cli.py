@@ -290,6 +290,9 @@ def main(argv=None) -> int:
         _quiet_echoes_of_failed_writes()
     commands = {"train": _train, "eval": _eval, "predict": _predict, "summary": _summary, "gradcheck": _gradcheck,
                 "bench": _bench}
+    if args.command in ("train", "eval", "predict"):  # a second run loads its compiled steps (bench times compiles)
+        from jaxconv.compiler import enable_compilation_cache
+        enable_compilation_cache()
     try:
         return commands[args.command](args)
     except BaseException as err:  # every failure a user can cause or meet: one line, a status that says which

@@ -4,7 +4,8 @@ XLA:CPU in jaxlib 0.10 hands every convolution to YNNPACK (the ``LIBRARY_FUSION_
 CONVOLUTION`` library fusion). Its weight gradient is slow: for seed_cnn's second conv (batch 128,
 14x14x32 -> 64, 3x3) it takes 27 ms where XLA's own Eigen convolution takes 6.5 ms, and the whole
 seed_cnn training step drops from 66 to 34 ms when convolutions stay with Eigen while dots and
-reductions still go to YNNPACK (``benchmarks/train_step_vs_torch.py`` prints both).
+reductions still go to YNNPACK (measured with ``benchmarks/train_step_vs_torch.py`` before it became a thin call of
+``jaxconv bench``; ``JAXCONV_XLA_OPTIONS=0 jaxconv bench ...`` times the defaults).
 
 The option is passed as ``compiler_options`` to each ``jax.jit`` that jaxconv makes, never through
 the process-wide ``XLA_FLAGS``: other code in the process keeps XLA's defaults. It is left out
@@ -70,3 +71,23 @@ def replica_strategy(backend: str | None = None) -> str:
     if chosen in ("vmap", "unroll"):
         return chosen
     return "unroll" if (backend or jax.default_backend()) == "cpu" else "vmap"
+
+
+def enable_compilation_cache(folder: str | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache in ``folder`` (default ``~/.cache/jaxconv/xla``, or
+    ``$JAXCONV_DATA/xla``), so a second run of the same program loads its compiled steps instead of compiling.
+
+    The ``jaxconv`` command calls it; a script may. It changes nothing when the user chose a cache already
+    (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config.jax_compilation_cache_dir``) or when
+    ``JAXCONV_COMPILATION_CACHE=0``. Entries are kept whatever their compile time (JAX's default skips those
+    under a second, which is most of jaxconv's steps on a CPU). Returns the folder in use, or ``None``."""
+    if os.environ.get("JAXCONV_COMPILATION_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
+    if chosen:
+        return chosen
+    from jaxconv.data import cache_dir
+    folder = folder or os.path.join(cache_dir(), "xla")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return folder

@@ -4,6 +4,9 @@ for that test alone."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# The jaxconv command keeps compiled steps in ~/.cache/jaxconv/xla; tests compile afresh (tests/test_compiler.py
+# checks the cache itself in a folder of its own).
+os.environ.setdefault("JAXCONV_COMPILATION_CACHE", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

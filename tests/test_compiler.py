@@ -1,4 +1,6 @@
-"""jaxconv.compiler: per-function XLA options, and when they are left out."""
+"""jaxconv.compiler: per-function XLA options, and when they are left out; the compilation cache."""
+import os
+
 import jax
 import numpy as np
 import optax
@@ -68,3 +70,24 @@ def test_training_steps_agree_with_xla_defaults():
         losses[name] = trace
     np.testing.assert_allclose(losses["jaxconv"], losses["xla"], rtol=1e-5)
     assert losses["xla"][-1] < losses["xla"][0]
+
+
+def test_the_command_keeps_compiled_steps_for_the_next_run(tmp_path):
+    """`jaxconv train` turns on JAX's persistent compilation cache under jaxconv's cache folder; a second run
+    finds its steps there (entries are not re-written) and trains to the same numbers."""
+    import json
+    import subprocess
+    import sys
+    env = {**os.environ, "JAXCONV_DATA": str(tmp_path / "cache"), "JAXCONV_COMPILATION_CACHE": "1"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    runs = []
+    for name in ("cold", "warm"):
+        done = subprocess.run([sys.executable, "-m", "jaxconv", "train", "--epochs", "1", "--out", str(tmp_path / name)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(sorted(os.listdir(tmp_path / "cache" / "xla")))
+    assert runs[0] and runs[1] == runs[0]  # the warm run added nothing: every step came from the cache
+    from jaxconv.train import TIMING_FIELDS
+    strip = lambda name: [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
+                          for line in open(tmp_path / name / "metrics.jsonl")]
+    assert strip("cold") == strip("warm")
