@@ -141,6 +141,7 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, d
     ``OUT/seed_S/`` (a complete run folder of its own), with their mean and spread in ``OUT/seeds.jsonl``.
     """
     config = resolve(config)
+    _fit.started = time.perf_counter()
     with _StopSignals() as signals:  # from here on, SIGINT/SIGTERM are answered between steps
         histories = _fit(config, resume, overwrite, dataset, log if parallel.is_writer() else _silent, signals)
     return histories[0] if config.seeds == 1 else histories
@@ -310,6 +311,11 @@ def _fit(config, resume, overwrite, dataset, log, signals):
         for i in range(first, steps):
             with _explain_out_of_memory("training", "--batch-size", batch):
                 state, loss = train_step(state, train_x, train_y, order, i)
+            if not losses and epoch * steps + i == start:  # the time to first step, compilation included
+                jax.block_until_ready(loss)
+                progress.clear()
+                log(f"first step done {time.perf_counter() - _fit.started:.2f} s after fit() began "
+                    f"(data, model, compilation)")
             losses.append(loss)
             progress.update(epoch + 1, config.epochs, i + 1, steps)
             at = epoch * steps + i + 1
