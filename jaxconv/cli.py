@@ -28,6 +28,17 @@ def _positive_int(text):
     return value
 
 
+def _recipes_text() -> str:
+    """Each dataset's recipe (the defaults its flags take), and where a model changes it: for `train --help`."""
+    from jaxconv.config import MODEL_RECIPES, RECIPES
+    lines = ["recipes (defaults per --dataset; any flag overrides):"]
+    for dataset, recipe in RECIPES.items():
+        lines.append(f"  {dataset}: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+    for (dataset, model), change in MODEL_RECIPES.items():
+        lines.append(f"  {dataset} with --model {model}: " + ", ".join(f"{k}={v}" for k, v in change.items()))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxconv.config import RESUMABLE, flag
     from jaxconv.data import DATASETS, SOURCES
@@ -39,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Only the flags given appear in the namespace: TrainConfig and the recipes supply the rest, and a
     # resumed run can tell a flag given on purpose from a default.
     train = sub.add_parser("train", help="train a registered model", argument_default=argparse.SUPPRESS,
-                           epilog=f"{EPILOG} With --resume, only {', '.join(map(flag, RESUMABLE))} may differ from "
-                                  f"the run's config.json (more --epochs stretches a cosine or one-cycle schedule "
-                                  f"from where the run stopped). SIGINT or SIGTERM stops a run after a checkpoint.")
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"{EPILOG}\n\n{_recipes_text()}\n\nWith --resume, only "
+                                  f"{', '.join(map(flag, RESUMABLE))} may differ from the run's config.json (more "
+                                  f"--epochs stretches a cosine or one-cycle schedule from where the run stopped).\n"
+                                  f"SIGINT or SIGTERM stops a run after a checkpoint.")
     train.add_argument("--dataset", choices=list(DATASETS), help="default: mnist1d")
     train.add_argument("--model", choices=list(MODELS), help="default: the dataset's recipe")
     train.add_argument("--epochs", type=int)
@@ -285,6 +298,10 @@ def _gradcheck(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # bare `jaxconv`: what it can do
+        build_parser().print_help()
+        return 0
     args = build_parser().parse_args(argv)
     if not os.environ.get("JAXCONV_DEBUG"):  # JAXCONV_DEBUG=1 keeps them
         _quiet_echoes_of_failed_writes()

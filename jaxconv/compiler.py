@@ -91,3 +91,40 @@ def enable_compilation_cache(folder: str | None = None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return folder
+
+
+def nnx_jit(fun=None, **kwargs):
+    """``flax.nnx.jit`` with :func:`compiler_options` added: a drop-in for NNX training loops (in-place updates of
+    modules and ``nnx.Optimizer`` work as with ``nnx.jit``). Exported as ``jaxconv.jit``.
+
+    ``nnx.jit`` takes no ``compiler_options``; it builds its ``jax.jit`` when it wraps ``fun``. While it does,
+    flax's reference to ``jax`` is replaced by one whose ``jit`` adds the options (nothing else changes, and
+    nothing outside that one construction sees it). Also a decorator with arguments: ``@jaxconv.jit(donate_argnums=0)``.
+    """
+    from flax import nnx
+    if fun is None:
+        return lambda f: nnx_jit(f, **kwargs)
+    options = {**compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
+    if not options:
+        return nnx.jit(fun, **kwargs)
+    from flax.nnx.transforms import compilation
+    real = compilation.jax
+    compilation.jax = _JaxWithOptions(real, options)
+    try:
+        return nnx.jit(fun, **kwargs)
+    finally:
+        compilation.jax = real
+
+
+class _JaxWithOptions:
+    """``jax`` itself, but ``jit`` passes ``compiler_options``."""
+
+    def __init__(self, module, options: dict):
+        self._module, self._options = module, options
+
+    def jit(self, fun, **kwargs):
+        return self._module.jit(fun, compiler_options={**self._options, **(kwargs.pop("compiler_options", None) or {})},
+                                **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)

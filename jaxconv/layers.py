@@ -185,15 +185,28 @@ def _check_rank(layer, in_shape, n):
                          f"got shape {tuple(in_shape)}")
 
 
+def _kernel_tuple(layer: str, kernel_size, rank: int | None) -> tuple:
+    """An int kernel is 1-D for the generic layers (as in Flax) and ``rank``-D for the ``...{rank}d`` aliases."""
+    if isinstance(kernel_size, int):
+        return (kernel_size,) * (rank or 1)
+    kernel_size = tuple(kernel_size)
+    if rank is not None and len(kernel_size) != rank:
+        raise ValueError(f"{layer}: `kernel_size` must be an int or {rank} ints, got {kernel_size}")
+    return kernel_size
+
+
 class Conv(Layer):
-    """N-d convolution. ``kernel_size`` int means 1-D (as in Flax); give a tuple for 2-D and 3-D."""
+    """N-d convolution. ``kernel_size`` int means 1-D (as in Flax); give a tuple for 2-D and 3-D, or use
+    :class:`Conv2d` / :class:`Conv3d` (PyTorch's names), where an int means the same on every spatial axis."""
+
+    spatial_rank: int | None = None  # fixed by the Conv1d/2d/3d aliases
 
     def __init__(self, in_features: int, out_features: int, kernel_size, *, stride=1, padding="VALID",
                  dilation=1, groups: int = 1, use_bias: bool = True, kernel_init="he_normal",
                  param_dtype=jnp.float32, dtype=None, grad: str = "auto", rngs: nnx.Rngs):
-        kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-        n = len(kernel_size)
         name = type(self).__name__
+        kernel_size = _kernel_tuple(name, kernel_size, self.spatial_rank)
+        n = len(kernel_size)
         for arg, value in (("in_features", in_features), ("out_features", out_features)):
             if value % groups:
                 raise ValueError(f"{name}: `{arg}` (={value}) must be divisible by `groups` (={groups})")
@@ -213,10 +226,20 @@ class Conv(Layer):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
 
     def spec(self, x):
+        self._check_spatial(x.ndim - 2, x.shape)
         return Spec(F.conv, {"kernel": self.kernel[...], "bias": None if self.bias is None else self.bias[...]},
                     options=self._options())
 
+    def _check_spatial(self, spatial: int, shape):
+        """`Conv(3, 16, 3)` on images: say how to write a 2-D kernel rather than fail on the kernel's rank."""
+        if self.spatial_rank is None and len(self.kernel_size) == 1 and spatial > 1:
+            k = self.kernel_size[0]
+            raise ValueError(f"{type(self).__name__}: an int kernel_size ({k}) means a 1-D kernel, but the input "
+                             f"{tuple(shape)} has {spatial} spatial axes: give kernel_size={(k,) * spatial}, or use "
+                             f"{type(self).__name__}{spatial}d, where {k} means {'x'.join([str(k)] * spatial)}")
+
     def _pads(self, in_shape):
+        self._check_spatial(len(in_shape) - 1, in_shape)
         _check_rank(type(self).__name__, in_shape, len(self.kernel_size))
         return F.resolve_padding(self.padding, fn=type(self).__name__, in_spatial=in_shape[:-1],
                                  window=self.kernel_size, stride=self.stride, dilation=self.dilation)
@@ -246,7 +269,7 @@ class ConvTranspose(Conv):
     def __init__(self, in_features: int, out_features: int, kernel_size, *, stride=1, padding=0,
                  output_padding=0, dilation=1, groups: int = 1, use_bias: bool = True, kernel_init="he_normal",
                  param_dtype=jnp.float32, dtype=None, grad: str = "auto", rngs: nnx.Rngs):
-        n = 1 if isinstance(kernel_size, int) else len(kernel_size)
+        n = len(_kernel_tuple(type(self).__name__, kernel_size, self.spatial_rank))
         self.output_padding = F.int_tuple(output_padding, n, fn="ConvTranspose", name="output_padding", minimum=0)
         super().__init__(in_features, out_features, kernel_size, stride=stride, padding=padding, dilation=dilation,
                          groups=groups, use_bias=use_bias, kernel_init=kernel_init, param_dtype=param_dtype,
@@ -259,6 +282,7 @@ class ConvTranspose(Conv):
         return {**super()._options(), "output_padding": self.output_padding}
 
     def spec(self, x):
+        self._check_spatial(x.ndim - 2, x.shape)
         return Spec(F.conv_transpose, {"kernel": self.kernel[...],
                                        "bias": None if self.bias is None else self.bias[...]},
                     options=self._options())
@@ -313,6 +337,7 @@ class Dense(Layer):
 
 class _Pool(Layer):
     op = None
+    spatial_rank: int | None = None  # fixed by the MaxPool1d/2d/3d and AvgPool1d/2d/3d aliases
 
     def __init__(self, window, *, stride=None, padding="VALID", grad: str = "auto"):
         name = type(self).__name__
@@ -327,6 +352,9 @@ class _Pool(Layer):
 
     def _resolved(self, in_shape):
         n, name = len(in_shape) - 1, type(self).__name__
+        if self.spatial_rank is not None and n != self.spatial_rank:
+            raise ValueError(f"{name}: takes inputs [*spatial, C] with {self.spatial_rank} spatial axes, "
+                             f"got shape {tuple(in_shape)}")
         window = F.int_tuple(self.window_size, n, fn=name, name="window")
         stride = window if self.stride is None else F.int_tuple(self.stride, n, fn=name, name="stride")
         pads = F.resolve_padding(self.padding, fn=name, in_spatial=in_shape[:-1], window=window, stride=stride)
@@ -376,6 +404,20 @@ class Flatten(Pointwise):
 
     def window(self, in_shape):
         return GLOBAL
+
+
+# PyTorch's names, the spatial rank fixed: an int kernel or window means the same on every spatial axis.
+def _with_rank(base, rank: int):
+    return type(f"{base.__name__}{rank}d", (base,), {
+        "spatial_rank": rank, "__module__": __name__,
+        "__doc__": f"{base.__name__} on {rank}-D inputs ``[*{rank} spatial, C]``: an int kernel or window means "
+                   f"{'x'.join(['k'] * rank)}."})
+
+
+Conv1d, Conv2d, Conv3d = (_with_rank(Conv, r) for r in (1, 2, 3))
+ConvTranspose1d, ConvTranspose2d, ConvTranspose3d = (_with_rank(ConvTranspose, r) for r in (1, 2, 3))
+MaxPool1d, MaxPool2d, MaxPool3d = (_with_rank(MaxPool, r) for r in (1, 2, 3))
+AvgPool1d, AvgPool2d, AvgPool3d = (_with_rank(AvgPool, r) for r in (1, 2, 3))
 
 
 class GlobalAvgPool(Pointwise):

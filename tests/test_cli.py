@@ -149,3 +149,15 @@ def test_a_corrupt_mnist1d_cache_is_made_again(tmp_path):
     assert (len(train), len(test)) == (4000, 1000)
     again, _ = generate_mnist1d(str(tmp_path))  # the cache was replaced by a readable one
     np.testing.assert_array_equal(again.images, train.images)
+
+
+def test_bare_jaxconv_lists_its_commands_and_train_help_shows_the_recipes(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "predict", "summary", "bench", "gradcheck"):
+        assert f"    {command} " in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "  mnist1d: model=mnist1d_cnn, epochs=120, batch_size=100, optimizer=adam, lr=0.01" in out
+    assert "  cifar10 with --model resnet20: epochs=30, optimizer=nesterov, lr=0.1, weight_decay=0.0005" in out

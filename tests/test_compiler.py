@@ -91,3 +91,46 @@ def test_the_command_keeps_compiled_steps_for_the_next_run(tmp_path):
     strip = lambda name: [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
                           for line in open(tmp_path / name / "metrics.jsonl")]
     assert strip("cold") == strip("warm")
+
+
+def _nnx_step(jit):
+    from flax import nnx
+    from jaxconv import functional as F
+
+    @jit
+    def step(model, opt, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: F.cross_entropy(m(x), y))(model)
+        opt.update(model, grads)
+        return loss
+    return step
+
+
+def test_jaxconv_jit_is_nnx_jit_with_the_options_and_updates_in_place():
+    from flax import nnx
+    import jaxconv
+    x = jax.random.normal(jax.random.key(0), (8, 40, 1))
+    y = jax.numpy.arange(8) % 10
+    losses, kernels = {}, {}
+    for name, jit in (("jaxconv", jaxconv.jit), ("nnx", nnx.jit)):
+        model = create_model("mnist1d_cnn")
+        before = np.asarray(model.layers[0].kernel[...]).copy()
+        opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+        step = _nnx_step(jit)
+        losses[name] = [float(step(model, opt, x, y)) for _ in range(3)]
+        kernels[name] = np.asarray(model.layers[0].kernel[...])
+        assert not np.allclose(before, kernels[name])  # the model was updated in place
+    assert losses["jaxconv"][2] < losses["jaxconv"][0]
+    np.testing.assert_allclose(losses["jaxconv"], losses["nnx"], rtol=1e-5)
+    np.testing.assert_allclose(kernels["jaxconv"], kernels["nnx"], rtol=1e-5, atol=1e-7)
+
+
+def test_jaxconv_jit_hands_its_options_to_xla(monkeypatch):
+    """An option XLA does not know fails the compile, naming it: the options do reach the compiler."""
+    from flax import nnx
+    import jaxconv
+    monkeypatch.setattr(compiler, "compiler_options", lambda backend=None: {"xla_jaxconv_no_such_option": "1"})
+    model = create_model("mnist1d_cnn")
+    step = _nnx_step(jaxconv.jit)
+    with pytest.raises(Exception, match="xla_jaxconv_no_such_option"):
+        step(model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param), jax.numpy.zeros((2, 40, 1)),
+             jax.numpy.zeros(2, int))

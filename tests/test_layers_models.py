@@ -211,3 +211,25 @@ def test_bf16_compute_keeps_fp32_params():
     y = model(jnp.zeros((2, 28, 28, 1), jnp.float32))
     assert y.dtype == jnp.bfloat16
     assert model.layers[0].kernel[...].dtype == jnp.float32
+
+
+def test_pytorch_named_aliases_fix_the_spatial_rank():
+    from jaxconv import layers as L
+    conv = L.Conv2d(1, 4, 3, padding=1, rngs=nnx.Rngs(0))
+    assert conv.kernel.shape == (3, 3, 1, 4) and conv(jnp.ones((2, 8, 8, 1))).shape == (2, 8, 8, 4)
+    assert L.Conv3d(2, 4, 3, rngs=nnx.Rngs(0)).kernel.shape == (3, 3, 3, 2, 4)
+    assert L.Conv1d(2, 4, 3, rngs=nnx.Rngs(0)).kernel.shape == (3, 2, 4)
+    assert L.ConvTranspose2d(4, 2, 2, stride=2, rngs=nnx.Rngs(0))(jnp.ones((1, 4, 4, 4))).shape == (1, 8, 8, 2)
+    assert L.MaxPool2d(2)(jnp.ones((2, 8, 8, 1))).shape == (2, 4, 4, 1)
+    assert L.AvgPool1d(2)(jnp.ones((2, 8, 3))).shape == (2, 4, 3)
+    with pytest.raises(ValueError, match=r"Conv2d: `kernel_size` must be an int or 2 ints, got \(3, 3, 3\)"):
+        L.Conv2d(1, 4, (3, 3, 3), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"MaxPool2d: takes inputs \[\*spatial, C\] with 2 spatial axes, got shape "
+                                         r"\(8, 1\)"):
+        L.MaxPool2d(2).output_shape((8, 1))
+    # the generic Conv keeps Flax's meaning (an int is 1-D) and says how to write a 2-D kernel
+    with pytest.raises(ValueError, match=r"Conv: an int kernel_size \(3\) means a 1-D kernel, but the input "
+                                         r"\(2, 8, 8, 1\) has 2 spatial axes: give kernel_size=\(3, 3\), or use "
+                                         r"Conv2d, where 3 means 3x3"):
+        L.Conv(1, 4, 3, rngs=nnx.Rngs(0))(jnp.ones((2, 8, 8, 1)))
+    assert L.Conv(1, 4, 3, rngs=nnx.Rngs(0))(jnp.ones((2, 8, 1))).shape == (2, 6, 4)
