@@ -97,22 +97,27 @@ def _explain_out_of_memory(what: str, flag: str, batch: int):
 
 
 class _Progress:
-    """A one-line progress bar on a terminal; silent otherwise (plain epoch lines are printed anyway)."""
+    """A tqdm bar per epoch on a terminal (steps done, rate, elapsed and ETA); silent otherwise (the epoch lines
+    are printed anyway)."""
 
     def __init__(self, stream):
-        self.stream, self.live, self.last = stream, stream.isatty(), 0.0
+        self.stream, self.live, self.bar = stream, stream.isatty(), None
 
     def update(self, epoch, epochs, step, steps):
-        now = time.perf_counter()
-        if self.live and (now - self.last > 0.2 or step == steps):
-            filled = int(30 * step / steps)
-            self.stream.write(f"\repoch {epoch}/{epochs} [{'#' * filled}{'.' * (30 - filled)}] {step}/{steps}")
-            self.stream.flush()
-            self.last = now
+        if not self.live:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=steps, initial=step - 1, desc=f"epoch {epoch}/{epochs}", unit="step",
+                            file=self.stream, leave=False, dynamic_ncols=True, mininterval=0.2)
+        self.bar.update(1)
+        if step == steps:
+            self.bar.refresh()  # the epoch's last step is always shown, however fast it came
 
     def clear(self):
-        if self.live:
-            self.stream.write("\r" + " " * 70 + "\r")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _check_finite(losses, first_step: int, epoch: int, replicas, checkpoints):

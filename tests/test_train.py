@@ -251,3 +251,19 @@ def test_resolve_rejects_settings_that_do_not_apply():
         with pytest.raises(ValueError, match=message):
             resolve(TrainConfig(**bad))
     assert resolve(TrainConfig(epochs=5, warmup_epochs=4.5)).warmup_epochs == 4.5
+
+
+def test_a_terminal_gets_a_progress_bar_with_rate_and_eta(tmp_path, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr("sys.stderr", screen)
+    fit(TrainConfig(epochs=1, out=str(tmp_path)), dataset=subset(load_dataset("mnist1d"), 400, 100), log=quiet)
+    shown = screen.getvalue()
+    assert "epoch 1/1:" in shown and "4/4" in shown  # 400 examples in steps of 100
+    assert "step/s" in shown or "s/step" in shown  # the rate
+    assert "<" in shown  # tqdm's "elapsed<remaining"
