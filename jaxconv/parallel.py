@@ -204,7 +204,10 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(f"jaxconv:{name}")
 
 
+def device_kinds(mesh: Mesh) -> list[str]:
+    return sorted({d.device_kind for d in mesh.devices.flat})
+
+
 def describe(mesh: Mesh) -> str:
-    kinds = sorted({d.device_kind for d in mesh.devices.flat})
     hosts = jax.process_count()
-    return (f"{mesh.size} {'/'.join(kinds)} device(s)" + (f" in {hosts} processes" if hosts > 1 else ""))
+    return (f"{mesh.size} {'/'.join(device_kinds(mesh))} device(s)" + (f" in {hosts} processes" if hosts > 1 else ""))

@@ -8,7 +8,6 @@ augments it inside ``jit`` and applies an Optax update; nothing crosses the host
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -169,33 +168,25 @@ def _step_functions(graphdef_train, graphdef_eval, tx, config: TrainConfig, info
     return train_step, eval_step
 
 
-def evaluate(eval_step, state, images, labels, batch_size: int, *, rows=None, mesh=None):
-    """Loss, accuracy and predictions over the examples ``rows`` of ``images`` (default: all of them); the last
-    batch is padded and masked. With a replica-axis ``eval_step`` (:func:`make_replica_steps`), ``rows`` is
-    ``[replicas, n]`` and each of the three results gains the replica axis."""
-    replicated = rows is not None and np.ndim(rows) == 2
-    rows = np.arange(int(labels.shape[0])) if rows is None else np.asarray(rows)
-    rows2 = rows if replicated else rows[None]
-    n = rows2.shape[1]
-    devices = 1 if mesh is None else mesh.size
-    batch_size = -(-min(batch_size, n) // devices) * devices  # a whole share for every device
+def evaluate(eval_step, state, images, labels, rows, batch_size: int, mesh):
+    """Each replica's loss, accuracy and predictions over its examples ``rows`` (``[replicas, n]`` indices into
+    ``images``), with a replica-axis ``eval_step`` (:func:`make_replica_steps`): ``([K], [K], [K, n])``.
+    Batches are rounded up to a whole share for every device; the last one is padded and masked."""
+    rows = np.asarray(rows)
+    n = rows.shape[1]
+    batch_size = -(-min(batch_size, n) // mesh.size) * mesh.size
     steps = math.ceil(n / batch_size)
-    idx = np.zeros((rows2.shape[0], steps * batch_size), np.int32)
-    idx[:, :n] = rows2
+    idx = np.zeros((rows.shape[0], steps * batch_size), np.int32)
+    idx[:, :n] = rows
     mask = np.zeros(steps * batch_size, np.float32)
     mask[:n] = 1
-    idx, mask = idx.reshape(-1, steps, batch_size), mask.reshape(steps, batch_size)
-    put = jnp.asarray if mesh is None else functools.partial(parallel.put, mesh)
-    idx, mask = put(idx if replicated else idx[0]), put(mask)
+    idx = parallel.put(mesh, idx.reshape(-1, steps, batch_size))
+    mask = parallel.put(mesh, mask.reshape(steps, batch_size))
     outs = [eval_step(state, images, labels, idx, mask, s) for s in range(steps)]  # dispatched, then read
     loss_sum = sum(parallel.fetch(l).astype(np.float64) for l, _, _ in outs)
     correct = sum(parallel.fetch(c).astype(np.float64) for _, c, _ in outs)
-    axis = 1 if replicated else 0  # the examples' axis of the predictions
-    preds = np.concatenate([parallel.fetch(p) for _, _, p in outs], axis=axis)
-    preds = preds[:, :n] if replicated else preds[:n]
-    if replicated:
-        return np.asarray(loss_sum, np.float64) / n, np.asarray(correct, np.float64) / n, preds
-    return float(loss_sum) / n, float(correct) / n, preds
+    preds = np.concatenate([parallel.fetch(p) for _, _, p in outs], axis=1)[:, :n]
+    return loss_sum / n, correct / n, preds
 
 
 def confusion_matrix(labels, preds, num_classes: int):

@@ -100,8 +100,8 @@ class _Progress:
     """A tqdm bar per epoch on a terminal (steps done, rate, elapsed and ETA); silent otherwise (the epoch lines
     are printed anyway)."""
 
-    def __init__(self, stream):
-        self.stream, self.live, self.bar = stream, stream.isatty(), None
+    def __init__(self, stream, *, live: bool):
+        self.stream, self.live, self.bar = stream, live, None
 
     def update(self, epoch, epochs, step, steps):
         if not self.live:
@@ -145,10 +145,11 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, d
     ``config.seeds`` runs of seeds ``seed, seed + 1, ...`` train together as one program, each in
     ``OUT/seed_S/`` (a complete run folder of its own), with their mean and spread in ``OUT/seeds.jsonl``.
     """
+    started = time.perf_counter()
     config = resolve(config)
-    _fit.started = time.perf_counter()
     with _StopSignals() as signals:  # from here on, SIGINT/SIGTERM are answered between steps
-        histories = _fit(config, resume, overwrite, dataset, log if parallel.is_writer() else _silent, signals)
+        histories = _fit(config, resume, overwrite, dataset, log if parallel.is_writer() else _silent, signals,
+                         started)
     return histories[0] if config.seeds == 1 else histories
 
 
@@ -231,7 +232,7 @@ class _Checkpoints:
                 manager.close()
 
 
-def _fit(config, resume, overwrite, dataset, log, signals):
+def _fit(config, resume, overwrite, dataset, log, signals, started):
     out, writer = config.out, parallel.is_writer()
     existing = runs.claim(out, resume=resume, overwrite=overwrite)
     if resume:
@@ -284,11 +285,10 @@ def _fit(config, resume, overwrite, dataset, log, signals):
         out_shardings=parallel.replicated(mesh))
 
     def evaluate_on(arrays, at):
-        images, labels, rows = arrays
-        rows = np.broadcast_to(np.arange(int(labels.shape[0])), (config.seeds, int(labels.shape[0]))) \
-            if rows is None else rows
+        images, labels, rows = arrays  # rows None: every example, for every replica
+        rows = np.broadcast_to(np.arange(len(labels)), (config.seeds, len(labels))) if rows is None else rows
         with _explain_out_of_memory("evaluation", "--eval-batch-size", config.eval_batch_size):
-            return evaluate(eval_step, at, images, labels, config.eval_batch_size, rows=rows, mesh=mesh)
+            return evaluate(eval_step, at, images, labels, rows, config.eval_batch_size, mesh)
 
     held = f" / {len(replicas[0].validation_rows)} validation" if validation else ""
     log(f"{config.dataset} ({data.source}): {n_train} train{held} / {len(data.test)} test; model {config.model}; "
@@ -298,11 +298,10 @@ def _fit(config, resume, overwrite, dataset, log, signals):
     start = int(parallel.fetch(state.step)[0])
     if resume:
         log(f"resuming {out} at step {start} (epoch {start // steps + 1}, step {start % steps + 1} of {steps})")
-    progress = _Progress(sys.stderr if writer else open(os.devnull, "w"))
+    progress = _Progress(sys.stderr, live=writer and sys.stderr.isatty())
     history0 = replicas[0].history
     wall_start = time.perf_counter() - (history0[-1]["wall_s"] if history0 else 0.0)
-    where = dict(devices=mesh.size, device_kind="/".join(sorted({d.device_kind for d in mesh.devices.flat})),
-                 processes=jax.process_count())
+    where = dict(devices=mesh.size, device_kind="/".join(parallel.device_kinds(mesh)), processes=jax.process_count())
     if signals.caught:
         name = signal.Signals(signals.caught).name
         raise Stopped(f"stopped by {name} before the first training step of this process; continue with: "
@@ -319,7 +318,7 @@ def _fit(config, resume, overwrite, dataset, log, signals):
             if not losses and epoch * steps + i == start:  # the time to first step, compilation included
                 jax.block_until_ready(loss)
                 progress.clear()
-                log(f"first step done {time.perf_counter() - _fit.started:.2f} s after fit() began "
+                log(f"first step done {time.perf_counter() - started:.2f} s after fit() began "
                     f"(data, model, compilation)")
             losses.append(loss)
             progress.update(epoch + 1, config.epochs, i + 1, steps)
