@@ -1,6 +1,9 @@
 """Pure forward ops, channels-last, built on ``jax.lax``.
 
 Layouts: activations ``[N, *spatial, C]``; kernels ``[*kernel, C_in // groups, C_out]`` (HWIO).
+Each op also takes one example, as PyTorch's do: an input with one axis fewer than a batch has
+(a conv's ``x`` of rank ``w.ndim - 1``, a pool's of rank ``len(window) + 1``, ``dense``'s ``[D_in]``,
+``cross_entropy``'s ``[K]``) gives the output without its batch axis; see :func:`one_example`.
 Every option is validated here, at the Python boundary, so a bad call raises a ``ValueError`` or
 ``TypeError`` naming the function and argument before anything reaches XLA. Shapes and options
 are static under ``jax.jit``, so these checks cost nothing in a compiled step.
@@ -25,6 +28,50 @@ from jax import lax
 Padding = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
 
 _SPATIAL_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
+
+
+# --------------------------------------------------------------------------- one example or a batch
+
+
+def one_example(batched_rank):
+    """Let an op take one example as well as a batch, as PyTorch's ops do.
+
+    ``batched_rank(*args, **options)`` (the op's arguments after ``x``) says what rank a batch has, or
+    ``None`` where the arguments cannot tell (an int pooling window fits any rank; ``x`` is then a
+    batch). An ``x`` with one axis fewer is one example: the op runs on a batch of one and the batch
+    axis is taken off again, so ``jax.vmap(lambda xi: conv(xi, w))(x)`` equals ``conv(x, w)``.
+    """
+    def decorate(op):
+        @functools.wraps(op)
+        def call(x, *args, **options):
+            if is_one_example(x, batched_rank(*args, **options)):
+                return op(x[None], *args, **options)[0]
+            return op(x, *args, **options)
+        call.batched_rank = batched_rank
+        return call
+    return decorate
+
+
+def is_one_example(x, batched_rank) -> bool:
+    return batched_rank is not None and getattr(x, "ndim", None) == batched_rank - 1
+
+
+def _weight_rank(w, *_, **__):
+    """Conv and transposed conv: a batch has the kernel's rank (``[N, *spatial, C]``)."""
+    return getattr(w, "ndim", None)
+
+
+def _window_rank(window, *_, **__):
+    """Pooling and upsampling: a batch has ``len(window) + 2`` axes when the window is per axis."""
+    return len(window) + 2 if isinstance(window, (tuple, list)) else None
+
+
+def _matrix_rank(*_, **__):
+    return 2
+
+
+def _spatial_rank_option(*_, spatial_rank=None, **__):
+    return None if spatial_rank is None else spatial_rank + 2
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -173,8 +220,15 @@ def conv_dimension_numbers(n_spatial: int) -> tuple[str, str, str]:
 def _check_conv_arrays(x, w, groups, *, fn) -> int:
     """x ``[N, *spatial, C_in]`` and w of rank spatial + 2, both floating; ``groups`` divides C_in.
     Returns the number of spatial axes."""
-    n = _spatial_rank(x, fn=fn)
-    _check_array(w, fn=fn, name="w", rank=n + 2)
+    _check_array(x, fn=fn, name="x")
+    _check_array(w, fn=fn, name="w")
+    if w.ndim not in (3, 4, 5):
+        raise ValueError(f"{fn}: `w` must be a kernel [*kernel, C_in, C_out] with 1, 2 or 3 spatial axes, got shape "
+                         f"{tuple(w.shape)}")
+    if x.ndim != w.ndim:
+        raise ValueError(f"{fn}: `x` must be a batch [N, *spatial, C] of rank {w.ndim} or one example of rank "
+                         f"{w.ndim - 1}, to match the kernel `w` {tuple(w.shape)}; got shape {tuple(x.shape)}")
+    n = w.ndim - 2
     _check_float(x, fn=fn, name="x")
     _check_float(w, fn=fn, name="w")
     if not _is_int(groups) or groups < 1:
@@ -211,6 +265,7 @@ def _check_bias(b, c_out: int, *, fn: str):
         raise ValueError(f"{fn}: `b` must have shape ({c_out},) to match the outputs, got {tuple(b.shape)}")
 
 
+@one_example(_weight_rank)
 def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, groups: int = 1, precision=None):
     """N-d convolution (cross-correlation, as in every deep-learning library).
 
@@ -288,6 +343,7 @@ def transpose_kernel(w, groups: int):
     return jnp.flip(w, axis=tuple(range(n)))
 
 
+@one_example(_weight_rank)
 def conv_transpose(x, w, b=None, *, stride=1, padding: Padding = 0, output_padding=0, dilation=1, groups: int = 1,
                    precision=None):
     """N-d transposed convolution, exactly PyTorch's ``conv_transpose{1,2,3}d``.
@@ -390,12 +446,14 @@ def spread_conv(x, w_flipped, *, stride, pads, output_padding, dilation, groups,
         dimension_numbers=conv_dimension_numbers(n), feature_group_count=groups, precision=precision)
 
 
+@one_example(_weight_rank)
 def conv1d(x, w, b=None, **options):
     """:func:`conv` for ``x: [N, W, C_in]``, ``w: [K, C_in // groups, C_out]``."""
     _spatial_rank(x, fn="conv1d", allowed=(1,))
     return conv(x, w, b, **options)
 
 
+@one_example(_weight_rank)
 def conv2d(x, w, b=None, **options):
     """:func:`conv` for ``x: [N, H, W, C_in]``, ``w: [KH, KW, C_in // groups, C_out]``."""
     _spatial_rank(x, fn="conv2d", allowed=(2,))
@@ -445,6 +503,7 @@ def valid_taps(in_size: int, kernel: int, stride: int, dilation: int, pad_lo: in
                if 0 <= o * stride + k * dilation - pad_lo < in_size)
 
 
+@one_example(_window_rank)
 def max_pool(x, window, *, stride=None, padding: Padding = "VALID"):
     """Max over each window; padding counts as ``-inf``.
 
@@ -493,6 +552,7 @@ def window_counts(in_spatial, window, stride, pads):
     return counts
 
 
+@one_example(_window_rank)
 def avg_pool(x, window, *, stride=None, padding: Padding = "VALID", count_include_pad: bool = True):
     """Mean over each window, zero padding.
 
@@ -510,15 +570,26 @@ def avg_pool(x, window, *, stride=None, padding: Padding = "VALID", count_includ
     return summed / jnp.asarray(counts, x.dtype)[None, ..., None]
 
 
-def global_avg_pool(x):
-    """Mean over every spatial axis: ``[N, *spatial, C] -> [N, C]``."""
-    _check_array(x, fn="global_avg_pool", name="x", min_rank=3)
+@one_example(_spatial_rank_option)
+def global_avg_pool(x, *, spatial_rank: int | None = None):
+    """Mean over every spatial axis: ``[N, *spatial, C] -> [N, C]``.
+
+    Any rank fits a batch, so one example ``[*spatial, C] -> [C]`` needs ``spatial_rank`` (as
+    PyTorch's ``adaptive_avg_pool2d`` knows its rank); with it, a batch must have ``spatial_rank + 2`` axes.
+    """
+    fn = "global_avg_pool"
+    if spatial_rank is not None:
+        if spatial_rank not in (1, 2, 3):
+            raise ValueError(f"{fn}: `spatial_rank` must be 1, 2 or 3, got {spatial_rank!r}")
+        _check_array(x, fn=fn, name="x", rank=spatial_rank + 2)
+    _check_array(x, fn=fn, name="x", min_rank=3)
     return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
 
 
 # --------------------------------------------------------------------------- dense, activations, reshapes
 
 
+@one_example(_matrix_rank)
 def dense(x, w, b=None, *, precision=None):
     """Affine map ``x @ w + b``. x: ``[N, D_in]``, w: ``[D_in, D_out]``, b: ``[D_out]``."""
     fn = "dense"
@@ -564,6 +635,7 @@ def identity(x):
     return x
 
 
+@one_example(_window_rank)
 def upsample(x, scale, *, method: str = "nearest"):
     """Upsample every spatial axis by an integer ``scale`` (int or one per axis).
 
@@ -635,7 +707,7 @@ def smoothed_targets(labels, num_classes: int, label_smoothing: float, dtype):
 
 
 def _check_labels(logits, labels, label_smoothing, *, fn):
-    _check_array(logits, fn=fn, name="logits", min_rank=2)
+    _check_array(logits, fn=fn, name="logits", min_rank=1)
     _check_array(labels, fn=fn, name="labels")
     _check_float(logits, fn=fn, name="logits")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -660,8 +732,8 @@ def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, reduction: st
 
     Args:
       logits: ``[N, K]`` floats, or ``[N, *spatial, K]`` for one prediction per position (as PyTorch's
-        ``[N, K, *spatial]``, channels last). labels: ``[N]`` (or ``[N, *spatial]``) ints in ``[0, K)``
-        (checked when concrete).
+        ``[N, K, *spatial]``, channels last), or ``[K]`` for one example. labels: the shape of ``logits``
+        without its class axis, ints in ``[0, K)`` (checked when concrete).
       label_smoothing: target ``(1 - eps) * onehot + eps / K``.
       reduction: ``"mean"`` over every example and position (default), ``"sum"`` or ``"none"``
         (the shape of ``labels``).
@@ -681,8 +753,9 @@ def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, reduction: st
 
 
 def batch_norm(x, scale, bias, mean, var, *, epsilon: float = 1e-5):
-    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the channel axis (the last)."""
-    _check_array(x, fn="batch_norm", name="x", min_rank=2)
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the channel axis (the last); elementwise, so one
+    example ``[*spatial, C]`` (or ``[C]``) works as a batch does."""
+    _check_array(x, fn="batch_norm", name="x", min_rank=1)
     c = x.shape[-1]
     for name, v in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var)):
         if tuple(v.shape) != (c,):

@@ -31,9 +31,28 @@ def _check_g(g, expected_shape, *, fn: str):
         )
 
 
+def one_example(forward):
+    """The vjp twin of :func:`jaxconv.functional.one_example`: where ``x`` is one example for
+    ``forward``, ``g`` and ``x`` gain a batch axis of one, and ``dx`` loses it again (the parameter
+    cotangents of a batch of one are the example's own)."""
+    def decorate(vjp):
+        @functools.wraps(vjp)
+        def call(g, x, *args, **options):
+            if not F.is_one_example(x, forward.batched_rank(*args, **options)):
+                return vjp(g, x, *args, **options)
+            try:
+                cts = vjp(jnp.asarray(g)[None], x[None], *args, **options)
+            except ValueError as e:
+                raise ValueError(f"{e} (one example: a batch axis of 1 was added to `g` and `x`)") from None
+            return (cts[0][0], *cts[1:]) if isinstance(cts, tuple) else cts[0]
+        return call
+    return decorate
+
+
 # --------------------------------------------------------------------------- convolution
 
 
+@one_example(F.conv)
 def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: int = 1, precision=None):
     """Cotangents ``(dx, dw, db)`` of :func:`jaxconv.functional.conv`.
 
@@ -76,6 +95,7 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     return dx.astype(x.dtype), dw.astype(w.dtype), db
 
 
+@one_example(F.conv_transpose)
 def conv_transpose_vjp(g, x, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups: int = 1,
                        precision=None):
     """Cotangents ``(dx, dw, db)`` of :func:`jaxconv.functional.conv_transpose`.
@@ -114,6 +134,7 @@ def _crop(x_padded, pads):
     return x_padded[idx + (slice(None),)]
 
 
+@one_example(F.max_pool)
 def max_pool_vjp(g, x, window, *, stride=None, padding="VALID"):
     """Cotangent of :func:`jaxconv.functional.max_pool`.
 
@@ -138,6 +159,7 @@ def max_pool_vjp(g, x, window, *, stride=None, padding="VALID"):
     return _crop(dx_pad, pads).astype(x.dtype)
 
 
+@one_example(F.avg_pool)
 def avg_pool_vjp(g, x, window, *, stride=None, padding="VALID", count_include_pad: bool = True):
     """Cotangent of :func:`jaxconv.functional.avg_pool`: each window spreads ``g / divisor`` evenly."""
     fn = "avg_pool_vjp"
@@ -156,9 +178,10 @@ def avg_pool_vjp(g, x, window, *, stride=None, padding="VALID", count_include_pa
     return _crop(dx_pad, pads).astype(x.dtype)
 
 
-def global_avg_pool_vjp(g, x):
+@one_example(F.global_avg_pool)
+def global_avg_pool_vjp(g, x, *, spatial_rank=None):
     """Cotangent of :func:`jaxconv.functional.global_avg_pool`: ``g / (H*W)`` broadcast over space."""
-    F.global_avg_pool(x)
+    F.global_avg_pool(x, spatial_rank=spatial_rank)
     _check_g(g, (x.shape[0], x.shape[-1]), fn="global_avg_pool_vjp")
     spatial = x.shape[1:-1]
     g = g.reshape(g.shape[0], *(1,) * len(spatial), g.shape[-1]) / math.prod(spatial)
@@ -168,6 +191,7 @@ def global_avg_pool_vjp(g, x):
 # --------------------------------------------------------------------------- dense, activations, reshapes
 
 
+@one_example(F.dense)
 def dense_vjp(g, x, w, b=None, *, precision=None):
     """Cotangents ``(dx, dw, db)`` of :func:`jaxconv.functional.dense`: ``g w^T``, ``x^T g``, ``sum_n g``."""
     fn = "dense_vjp"
@@ -246,6 +270,7 @@ def identity_vjp(g, x):
     return g
 
 
+@one_example(F.upsample)
 def upsample_vjp(g, x, scale, *, method: str = "nearest"):
     """Cotangent of :func:`jaxconv.functional.upsample`: per axis, nearest sums each ``scale``-long
     block of g; bilinear applies the transposed interpolation matrix."""

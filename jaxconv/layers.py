@@ -2,7 +2,9 @@
 
 Every layer answers five questions about itself, for one example's shape ``in_shape`` (no batch axis):
 
-* ``__call__(x)`` — the forward pass on a batch;
+* ``__call__(x)`` — the forward pass on a batch, or on one example where the layer knows its rank
+  (convs, pools with a rank or per-axis window, dense, upsampling with per-axis scales, the
+  elementwise layers), as PyTorch's layers do;
 * ``forward_and_backward(x) -> (y, back)`` with ``back(g) -> (dx, param_grads)``: the hand-written
   backward, ``param_grads`` a nested dict shaped like the layer's parameters (what
   :func:`jaxconv.backprop.manual_value_and_grad` chains);
@@ -56,6 +58,12 @@ def initializer(spec) -> Callable:
     if spec not in _INITS:
         raise ValueError(f"initializer: unknown `kernel_init` {spec!r}; expected one of {sorted(_INITS)} or a callable")
     return _INITS[spec]()
+
+
+def example_shape(x, spatial_rank: int | None) -> tuple:
+    """The shape of one example of ``x``: ``x`` itself when it has ``spatial_rank + 1`` axes (one example,
+    as PyTorch's layers accept), else ``x`` without its batch axis."""
+    return tuple(x.shape) if spatial_rank is not None and x.ndim == spatial_rank + 1 else tuple(x.shape[1:])
 
 
 class Spec(NamedTuple):
@@ -361,7 +369,8 @@ class _Pool(Layer):
         return window, stride, pads
 
     def spec(self, x):
-        window, stride, _ = self._resolved(x.shape[1:])
+        n = self.spatial_rank or (None if isinstance(self.window_size, int) else len(self.window_size))
+        window, stride, _ = self._resolved(example_shape(x, n))
         return Spec(type(self).op, {}, (window,), {**self._options(), "stride": stride})
 
     def output_shape(self, in_shape):
@@ -445,7 +454,8 @@ class Upsample(Layer):
         return F.int_tuple(self.scale, len(in_shape) - 1, fn="Upsample", name="scale")
 
     def spec(self, x):
-        return Spec(F.upsample, {}, (self._scale(x.shape[1:]),), {"method": self.method})
+        n = None if isinstance(self.scale, int) else len(self.scale)
+        return Spec(F.upsample, {}, (self._scale(example_shape(x, n)),), {"method": self.method})
 
     def output_shape(self, in_shape):
         return (*[w * s for w, s in zip(in_shape[:-1], self._scale(in_shape))], in_shape[-1])

@@ -273,8 +273,9 @@ X2 = jnp.zeros((2, 8, 8, 3), jnp.float32)
 W2 = jnp.zeros((3, 3, 3, 4), jnp.float32)
 
 BAD_CALLS = [
-    (lambda: F.conv(jnp.zeros((8, 3)), W2), ValueError, "conv: `x` must have rank >= 3, got rank 2"),
-    (lambda: F.conv(X2, jnp.zeros((3, 3, 4))), ValueError, "conv: `w` must have rank 4, got rank 3"),
+    (lambda: F.conv(jnp.zeros((8, 3)), W2), ValueError, "conv: `x` must be a batch [N, *spatial, C] of rank 4 or one example of rank 3, to match the kernel `w` (3, 3, 3, 4); got shape (8, 3)"),
+    (lambda: F.conv(X2, jnp.zeros((3, 3, 4))), ValueError, "conv: `x` must be a batch [N, *spatial, C] of rank 3 or one example of rank 2"),
+    (lambda: F.conv(X2, jnp.zeros((3, 4))), ValueError, "conv: `w` must be a kernel [*kernel, C_in, C_out] with 1, 2 or 3 spatial axes, got shape (3, 4)"),
     (lambda: F.conv2d(jnp.zeros((2, 8, 3)), jnp.zeros((3, 3, 4))), ValueError, "conv2d: `x` must be [N, *spatial, C] with 2"),
     (lambda: F.conv1d(X2, W2), ValueError, "conv1d: `x` must be [N, *spatial, C] with 1 spatial axes"),
     (lambda: F.conv(X2, jnp.zeros((3, 3, 2, 4))), ValueError,
@@ -301,7 +302,7 @@ BAD_CALLS = [
     (lambda: F.max_pool(X2, 0), ValueError, "max_pool: `window` must be >= 1 on every axis, got (0, 0)"),
     (lambda: F.max_pool(X2, 2, stride=-1), ValueError, "max_pool: `stride` must be >= 1 on every axis"),
     (lambda: F.max_pool(X2, 9), ValueError, "max_pool: window span 9"),
-    (lambda: F.avg_pool(X2, (2, 2, 2)), ValueError, "avg_pool: `window` must have one entry per spatial axis (2), got 3"),
+    (lambda: F.avg_pool(X2, (2, 2, 2, 2)), ValueError, "avg_pool: `window` must have one entry per spatial axis (2), got 4"),
     (lambda: F.avg_pool(X2, 2, padding="CAUSAL"), ValueError, "avg_pool: `padding`='CAUSAL' is only defined for 1-D"),
     (lambda: F.dense(jnp.zeros((2, 3)), jnp.zeros((4, 5))), ValueError,
      "dense: `x.shape[1]` (=3) must equal `w.shape[0]` (=4)"),
