@@ -29,13 +29,13 @@ def _positive_int(text):
 
 
 def _recipes_text() -> str:
-    """Each dataset's recipe (the defaults its flags take), and where a model changes it: for `train --help`."""
-    from jaxconv.config import MODEL_RECIPES, RECIPES
-    lines = ["recipes (defaults per --dataset; any flag overrides):"]
-    for dataset, recipe in RECIPES.items():
-        lines.append(f"  {dataset}: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
-    for (dataset, model), change in MODEL_RECIPES.items():
-        lines.append(f"  {dataset} with --model {model}: " + ", ".join(f"{k}={v}" for k, v in change.items()))
+    """Every recipe file and the values it sets: for `train --help`."""
+    from jaxconv.config import RECIPE_FIELDS, recipes
+    lines = ["recipes (configs/NAME.py; --dataset D uses D's, or D_MODEL's with --model; --config NAME or a path "
+             "starts from one; any flag overrides):"]
+    for name, config in sorted(recipes().items()):
+        lines.append(f"  {name}: dataset={config.dataset}, " + ", ".join(
+            f"{k}={getattr(config, k)}" for k in RECIPE_FIELDS))
     return "\n".join(lines)
 
 
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   f"{', '.join(map(flag, RESUMABLE))} may differ from the run's config.json (more "
                                   f"--epochs stretches a cosine or one-cycle schedule from where the run stopped).\n"
                                   f"SIGINT or SIGTERM stops a run after a checkpoint.")
+    train.add_argument("--config", metavar="FILE|NAME",
+                       help="start from a config file's get_config() (configs/NAME.py, or NAME for a bundled "
+                            "recipe); the flags given override it")
     train.add_argument("--dataset", choices=list(DATASETS), help="default: mnist1d")
     train.add_argument("--model", choices=list(MODELS), help="default: the dataset's recipe")
     train.add_argument("--epochs", type=int)
@@ -160,11 +163,16 @@ def _join_processes(args) -> None:
 
 def _train(args) -> int:
     from jaxconv import runs
-    from jaxconv.config import TrainConfig, resolve
+    from jaxconv.config import TrainConfig, load_config_file, resolve
 
     _join_processes(args)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}
+    if "config" in vars(args):
+        if args.resume:
+            raise ValueError("--config starts a run; --resume continues one with its own config.json (give only "
+                             "the flags that may change)")
+        given = {**dataclasses.asdict(load_config_file(args.config)), **given}
     if args.resume:  # the stored run's settings, with the flags given now on top (fit checks they may change)
         out = args.out if "out" in given else resolve(TrainConfig(**given)).out
         runs.claim(out, resume=True, overwrite=args.overwrite)  # "no run to resume" before reading its config

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
-
 from jaxconv.data import DATASETS
 from jaxconv.models import MODELS
 
@@ -42,26 +40,61 @@ class TrainConfig:
     seeds: int = 1                        # replicas trained together (seeds seed..seed+seeds-1), one program
 
 
-# Defaults per dataset: `jaxconv train --dataset D` uses these unless a flag says otherwise.
-RECIPES: dict[str, dict[str, Any]] = {
-    "mnist1d": dict(model="mnist1d_cnn", epochs=120, batch_size=100, optimizer="adam", lr=1e-2, schedule="cosine",
-                    warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=4, flip=False),
-    "mnist": dict(model="mnist_cnn", epochs=12, batch_size=64, optimizer="adam", lr=2e-3, schedule="onecycle",
-                  warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=2, flip=False),
-    "fashion_mnist": dict(model="seed_cnn", epochs=15, batch_size=128, optimizer="adam", lr=2e-3, schedule="onecycle",
-                          warmup_epochs=0, weight_decay=0.0, label_smoothing=0.1, crop=0, flip=True),
-    "mnist_seg": dict(model="unet_small", epochs=4, batch_size=64, optimizer="adam", lr=3e-3, schedule="onecycle",
-                      warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=0, flip=False),
-    "cifar10": dict(model="convnetjs_cifar", epochs=70, batch_size=128, optimizer="adam", lr=4e-3, schedule="onecycle",
-                    warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, crop=2, flip=True),
-}
-# Where a model wants a different recipe on a dataset than the dataset's default model.
-MODEL_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
-    ("mnist1d", "mnist1d_deep"): dict(epochs=30),
-    # He et al. 2016's optimiser (SGD momentum 0.9, weight decay 5e-4 here, batch 128, 4-pixel crops and
-    # flips) on a 30-epoch one-cycle schedule instead of 164 epochs of step decay.
-    ("cifar10", "resnet20"): dict(epochs=30, optimizer="nesterov", lr=0.1, weight_decay=5e-4, crop=4),
-}
+# The recipe fields: what a recipe file (``configs/<name>.py``) fills, and what `--dataset` alone implies.
+RECIPE_FIELDS = ("model", "epochs", "batch_size", "optimizer", "lr", "schedule", "warmup_epochs", "weight_decay",
+                 "label_smoothing", "crop", "flip")
+
+
+def recipes() -> dict[str, TrainConfig]:
+    """Every recipe file in ``configs/`` (the package ``jaxconv.configs`` once installed), by name."""
+    import importlib
+    import pkgutil
+
+    import jaxconv.configs as package
+    found = {}
+    for module in pkgutil.iter_modules(package.__path__):
+        config = importlib.import_module(f"{package.__name__}.{module.name}").get_config()
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"configs/{module.name}.py: get_config() must return a TrainConfig, "
+                            f"got {type(config).__name__}")
+        found[module.name] = config
+    return found
+
+
+def recipe_for(dataset: str, model: str | None) -> TrainConfig:
+    """The recipe file for this dataset and model if there is one, else ``configs/<dataset>.py`` (its model
+    replaced by ``model`` when one is given)."""
+    known = recipes()
+    default = known[dataset]
+    model = model or default.model
+    matches = [c for c in known.values() if (c.dataset, c.model) == (dataset, model)]
+    return matches[0] if matches else dataclasses.replace(default, model=model)
+
+
+def load_config_file(path: str) -> TrainConfig:
+    """``get_config()`` of a config file given by path, or of a bundled recipe given by name."""
+    import importlib.util
+
+    known = recipes()
+    if not os.path.exists(path) and path in known:
+        return known[path]
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file (bundled recipes: {', '.join(sorted(known))})")
+    spec = importlib.util.spec_from_file_location("jaxconv_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: say which and why, in one line
+        raise ValueError(f"--config {path}: {type(err).__name__}: {err}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"--config {path}: the file defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"--config {path}: get_config() must return a jaxconv.config.TrainConfig, "
+                         f"got {type(config).__name__}")
+    return config
+
+
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
 DTYPES = ("float32", "bfloat16", "float64")  # float64 needs jax_enable_x64
@@ -79,9 +112,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     """Fill unset fields from the dataset's recipe and check every value; ``ValueError`` names the flag."""
     if config.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {config.dataset!r}; choose from {', '.join(DATASETS)}")
-    recipe = dict(RECIPES[config.dataset])
-    recipe.update(MODEL_RECIPES.get((config.dataset, config.model or recipe["model"]), {}))
-    filled = dataclasses.replace(config, **{k: v for k, v in recipe.items() if getattr(config, k) is None})
+    recipe = recipe_for(config.dataset, config.model)
+    filled = dataclasses.replace(config, **{k: getattr(recipe, k) for k in RECIPE_FIELDS if getattr(config, k) is None})
     checks = [
         (filled.model in MODELS, f"unknown model {filled.model!r}; choose from {', '.join(MODELS)}"),
         (filled.epochs >= 0, f"--epochs must be >= 0, got {filled.epochs}"),

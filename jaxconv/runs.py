@@ -20,7 +20,7 @@ import numpy as np
 from jaxconv.config import TrainConfig, from_dict
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "best", "results.json", "confusion_matrix.csv",
-             "curves.png", "seeds.jsonl")
+             "curves.png", "seeds.jsonl", "tensorboard")
 
 
 def write_atomically(path: str, data: str | bytes) -> None:

@@ -30,8 +30,9 @@ import numpy as np
 
 from jaxconv import checkpoints as ckpt
 from jaxconv import parallel, runs
-from jaxconv.config import MODEL_RECIPES, RECIPES, TrainConfig, check_resume, describe, resolve  # noqa: F401
+from jaxconv.config import TrainConfig, check_resume, describe, resolve  # noqa: F401
 from jaxconv.data import DATASETS, Dataset, load_dataset, split_indices
+from jaxconv.events import EventLog
 from jaxconv.reports import format_matrix, plot_curves, plot_seed_band  # noqa: F401
 from jaxconv.steps import (DTYPES, TrainState, confusion_matrix, evaluate, init_replicas, init_state,  # noqa: F401
                            make_optimizer, make_replica_steps, make_schedule, make_steps)
@@ -166,11 +167,23 @@ class _Replica:
         self.config = dataclasses.replace(config, seed=self.seed, seeds=1, out=self.out)
         self.validation_rows, self.history, self.best_accuracy = validation_rows, [], -1.0
 
-    def open(self, writer: bool):
+    def open(self, writer: bool, resumed_from: int | None):
+        self.events = None
         if writer:
             os.makedirs(self.out, exist_ok=True)
             runs.save_config(self.out, self.config)
             runs.write_metrics(self.out, self.history)
+            self.events = EventLog(self.out, resumed_from=resumed_from)
+
+    def record(self, record: dict):
+        self.history.append(record)
+        if self.events is not None:
+            runs.write_metrics(self.out, self.history)
+            self.events.write(record)
+
+    def close(self):
+        if self.events is not None:
+            self.events.close()
 
     def best_step(self):
         if self.validation_rows is None or not self.history:
@@ -264,8 +277,9 @@ def _fit(config, resume, overwrite, dataset, log, signals, started):
     if writer:
         os.makedirs(out, exist_ok=True)
         runs.save_config(out, config)
+    start = int(parallel.fetch(state.step)[0])
     for replica in replicas:
-        replica.open(writer)
+        replica.open(writer, start if resume else None)
     parallel.sync("opened")
     checkpoints.open()
 
@@ -295,7 +309,6 @@ def _fit(config, resume, overwrite, dataset, log, signals, started):
         f"{config.epochs} epochs x {steps} steps of {batch}; {describe(config)}; on {parallel.describe(mesh)}"
         + (f" (of {jax.device_count()}: the batch of {batch} does not divide by more)"
            if mesh.size < jax.device_count() and config.devices == "all" else ""))
-    start = int(parallel.fetch(state.step)[0])
     if resume:
         log(f"resuming {out} at step {start} (epoch {start // steps + 1}, step {start % steps + 1} of {steps})")
     progress = _Progress(sys.stderr, live=writer and sys.stderr.isatty())
@@ -347,9 +360,7 @@ def _fit(config, resume, overwrite, dataset, log, signals, started):
             for name, (loss, accuracy, _) in evaluated.items():
                 record[f"{name}_loss"], record[f"{name}_accuracy"] = float(loss[k]), float(accuracy[k])
             record.update(images_per_s=rate, images_per_s_per_device=rate / mesh.size, wall_s=wall, **where)
-            replica.history.append(record)
-            if writer:
-                runs.write_metrics(replica.out, replica.history)
+            replica.record(record)
             if validation and record["val_accuracy"] > replica.best_accuracy:
                 replica.best_accuracy, improved[k] = record["val_accuracy"], True
         if improved.any():
@@ -371,6 +382,8 @@ def _fit(config, resume, overwrite, dataset, log, signals, started):
             plot_seed_band([r.history for r in replicas], os.path.join(out, "curves.png"),
                            title=f"{config.model} on {config.dataset}, seeds {seeds[0]}..{seeds[-1]}")
     checkpoints.close()
+    for replica in replicas:
+        replica.close()
     parallel.sync("finished")
     return [r.history for r in replicas]
 
