@@ -39,6 +39,26 @@ def _recipes_text() -> str:
     return "\n".join(lines)
 
 
+COMMANDS = {
+    "train": "train a registered model",
+    "eval": "evaluate a run's checkpoint on its test set",
+    "predict": "classify image files (PNG, JPEG, .npy) with a trained run",
+    "summary": "print a model's layer table",
+    "bench": "time training or inference steps: compile, step, img/s, FLOPs, MFU, memory",
+    "gradcheck": "manual vs autodiff vs finite-difference gradients, per layer",
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    """`jaxconv`, `jaxconv --help`: the commands, with nothing imported that starts JAX."""
+    parser = _Parser(prog="jaxconv", description="Convolutional networks on JAX/Flax.", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version="jaxconv 0.1.0")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxconv.config import RESUMABLE, flag
     from jaxconv.data import DATASETS, SOURCES
@@ -49,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Only the flags given appear in the namespace: TrainConfig and the recipes supply the rest, and a
     # resumed run can tell a flag given on purpose from a default.
-    train = sub.add_parser("train", help="train a registered model", argument_default=argparse.SUPPRESS,
+    train = sub.add_parser("train", help=COMMANDS["train"], argument_default=argparse.SUPPRESS,
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=f"{EPILOG}\n\n{_recipes_text()}\n\nWith --resume, only "
                                   f"{', '.join(map(flag, RESUMABLE))} may differ from the run's config.json (more "
@@ -103,24 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", default=False,
                        help="replace the run already in --out (removed only after the new run is validated)")
 
-    ev = sub.add_parser("eval", help="evaluate a run's checkpoint on its test set")
+    ev = sub.add_parser("eval", help=COMMANDS["eval"])
     ev.add_argument("--out", required=True, help="the run folder")
     ev.add_argument("--data-dir")
     ev.add_argument("--which", choices=["auto", "best", "latest"], default="auto",
                     help="auto: the best checkpoint when the run kept one, else the latest")
 
-    pr = sub.add_parser("predict", help="classify image files (PNG, JPEG, .npy) with a trained run")
+    pr = sub.add_parser("predict", help=COMMANDS["predict"])
     pr.add_argument("--out", required=True, help="the run folder")
     pr.add_argument("images", nargs="+", metavar="IMAGE")
     pr.add_argument("--top", type=_positive_int, default=3, help="classes shown per image (default 3)")
     pr.add_argument("--which", choices=["auto", "best", "latest"], default="auto")
 
-    summ = sub.add_parser("summary", help="print a model's layer table")
+    summ = sub.add_parser("summary", help=COMMANDS["summary"])
     summ.add_argument("--model", required=True, choices=list(MODELS))
     summ.add_argument("--dataset", choices=list(DATASETS), help="build the model for this dataset's input shape")
     summ.add_argument("--depth", type=int, help="nesting levels to show (0: the model's own layers; default: all)")
 
-    bench = sub.add_parser("bench", help="time training or inference steps: compile, step, img/s, FLOPs, MFU, memory",
+    bench = sub.add_parser("bench", help=COMMANDS["bench"],
                            description="Every combination of the comma-separated lists is measured; see "
                                        "jaxconv.bench for what each column means.")
     bench.add_argument("--model", required=True, help="M[,M...] or all")
@@ -135,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--csv", metavar="FILE")
     bench.add_argument("--plot", metavar="FILE", help="PNG: throughput vs batch; scaling vs devices")
 
-    gc = sub.add_parser("gradcheck", help="manual vs autodiff vs finite-difference gradients, per layer")
+    gc = sub.add_parser("gradcheck", help=COMMANDS["gradcheck"])
     gc.add_argument("--model", required=True, choices=list(MODELS))
     gc.add_argument("--batch-size", type=_positive_int, default=8)
     gc.add_argument("--timing-batch", type=_positive_int, default=128)
@@ -308,8 +328,10 @@ def _gradcheck(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # bare `jaxconv`: what it can do
-        build_parser().print_help()
+        _top_parser().print_help()
         return 0
+    if argv[0].startswith("-"):  # --help, --version: answered without starting JAX
+        _top_parser().parse_args(argv)
     args = build_parser().parse_args(argv)
     if not os.environ.get("JAXCONV_DEBUG"):  # JAXCONV_DEBUG=1 keeps them
         _quiet_echoes_of_failed_writes()

@@ -162,3 +162,13 @@ def test_bare_jaxconv_lists_its_commands_and_train_help_shows_the_recipes(capsys
     assert "  mnist1d: dataset=mnist1d, model=mnist1d_cnn, epochs=120, batch_size=100, optimizer=adam, lr=0.01" in out
     assert ("  cifar10_resnet20: dataset=cifar10, model=resnet20, epochs=30, batch_size=128, optimizer=nesterov, "
             "lr=0.1, schedule=onecycle, warmup_epochs=0, weight_decay=0.0005") in out
+
+
+def test_help_and_import_start_no_jax():
+    """`jaxconv --help` answers without importing JAX (it is the slow part of starting); so does `import jaxconv`."""
+    probe = ("import sys\nfrom jaxconv.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+             "    assert e.code == 0\nimport jaxconv\nassert 'jax' not in sys.modules, 'jax was imported'\n"
+             "assert callable(jaxconv.create_model) and 'jax' in sys.modules\nprint('ok')")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "ok", done.stderr
+    assert "train               train a registered model" in done.stdout
