@@ -1,4 +1,4 @@
-"""The ``jaxconv`` command: train, eval, predict, summary, gradcheck, bench.
+"""The ``jaxconv`` command: train, eval, predict, summary, gradcheck, bench, visualize.
 
 Every failure a user can cause gets one line on stderr: bad flags and inputs exit 2; a run that diverged,
 ran out of memory or could not write exits 1; a run stopped by a signal exits 128 + its number after its
@@ -46,6 +46,7 @@ COMMANDS = {
     "summary": "print a model's layer table",
     "bench": "time training or inference steps: compile, step, img/s, FLOPs, MFU, memory",
     "gradcheck": "manual vs autodiff vs finite-difference gradients, per layer",
+    "visualize": "draw a trained run's first-layer filters and its feature maps for one input (PNG)",
 }
 
 
@@ -139,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--model", required=True, choices=list(MODELS))
     summ.add_argument("--dataset", choices=list(DATASETS), help="build the model for this dataset's input shape")
     summ.add_argument("--depth", type=int, help="nesting levels to show (0: the model's own layers; default: all)")
+    summ.add_argument("--plot", metavar="FILE", help="also draw the receptive field after every layer (PNG)")
+
+    vis = sub.add_parser("visualize", help=COMMANDS["visualize"],
+                         description="Writes RUN/pictures/filters.png and RUN/pictures/feature_maps_NAME.png (the "
+                                     "input, its predicted class probabilities, every conv layer's output channels).")
+    vis.add_argument("--out", required=True, help="the run folder")
+    what = vis.add_mutually_exclusive_group()
+    what.add_argument("--image", metavar="FILE", help="a PNG, JPEG or .npy input")
+    what.add_argument("--index", type=int, default=0, help="the test set example to show (default 0)")
+    vis.add_argument("--data-dir", help="where the run's dataset is (default: the run's --data-dir)")
+    vis.add_argument("--which", choices=["auto", "best", "latest"], default="auto")
+    vis.add_argument("--channels", type=_positive_int, default=16, help="feature maps drawn per layer (default 16)")
 
     bench = sub.add_parser("bench", help=COMMANDS["bench"],
                            description="Every combination of the comma-separated lists is measured; see "
@@ -253,8 +266,56 @@ def _summary(args) -> int:
     from jaxconv.shapes import summary
 
     shape = DATASETS[args.dataset].input_shape if args.dataset else None
-    print(summary(create_model(args.model, input_shape=shape), depth=args.depth))
+    model = create_model(args.model, input_shape=shape)
+    print(summary(model, depth=args.depth))
+    if args.plot:
+        from jaxconv.pictures import plot_receptive_fields
+        plot_receptive_fields(summary(model, depth=0), args.plot)
+        print(f"receptive fields drawn in {args.plot}")
     return 0
+
+
+def _visualize(args) -> int:
+    import jax.numpy as jnp
+    from jaxconv import pictures
+    from jaxconv.data import load_dataset
+    from jaxconv.inference import load, read_image
+    from jaxconv.steps import normalise
+
+    model = load(args.out, args.which)
+    config, info = model.config, model.info
+    if args.image:
+        image, name = read_image(args.image, model.input_shape), os.path.splitext(os.path.basename(args.image))[0]
+    else:
+        test = load_dataset(config.dataset, data_dir=args.data_dir or config.data_dir, source=config.source).test
+        if not 0 <= args.index < len(test):
+            raise ValueError(f"--index must be in [0, {len(test) - 1}] for {config.dataset}'s test set, got {args.index}")
+        image, name = test.images[args.index], f"test{args.index}"
+    batch = model.prepare(image)[0]
+    x = normalise(jnp.asarray(batch), jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32))
+    logits, maps = pictures.conv_outputs(model.module, x)
+    shifted = logits[0] - logits[0].max(axis=-1, keepdims=True)
+    probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+    folder = os.path.join(args.out, "pictures")
+    os.makedirs(folder, exist_ok=True)
+    shown = batch[0] / 255.0 if batch.dtype == np.uint8 else batch[0]
+    feature_path = os.path.join(folder, f"feature_maps_{name}.png")
+    pictures.plot_feature_maps(shown, maps, probabilities, model.class_names, feature_path,
+                               title=f"{config.model} on {config.dataset} ({model.checkpoint['which']} checkpoint, "
+                                     f"step {model.checkpoint['step']}): {name}", max_channels=args.channels)
+    written = [feature_path]
+    kernel = pictures.first_conv_kernel(model.module)
+    if kernel is not None:
+        filters_path = os.path.join(folder, "filters.png")
+        pictures.plot_filters(kernel[1], filters_path, title=f"{config.model}: {kernel[0]} filters "
+                                                             f"{tuple(kernel[1].shape)}")
+        written.append(filters_path)
+    if probabilities.ndim == 1:
+        best = np.argsort(-probabilities, kind="stable")[:3]
+        print(f"{name}: " + ", ".join(f"{model.class_names[k]} {probabilities[k]:.3f}" for k in best))
+    print(f"{len(maps)} conv layers drawn; " + ", ".join(written))
+    return 0
+
 
 
 def _bench(args) -> int:
@@ -336,7 +397,7 @@ def main(argv=None) -> int:
     if not os.environ.get("JAXCONV_DEBUG"):  # JAXCONV_DEBUG=1 keeps them
         _quiet_echoes_of_failed_writes()
     commands = {"train": _train, "eval": _eval, "predict": _predict, "summary": _summary, "gradcheck": _gradcheck,
-                "bench": _bench}
+                "bench": _bench, "visualize": _visualize}
     if args.command in ("train", "eval", "predict"):  # a second run loads its compiled steps (bench times compiles)
         from jaxconv.compiler import enable_compilation_cache
         enable_compilation_cache()

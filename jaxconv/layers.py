@@ -26,6 +26,7 @@ asking its children. A layer that does not answer a question raises; nothing cou
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from fractions import Fraction
 from typing import Callable, NamedTuple
@@ -58,6 +59,22 @@ def initializer(spec) -> Callable:
     if spec not in _INITS:
         raise ValueError(f"initializer: unknown `kernel_init` {spec!r}; expected one of {sorted(_INITS)} or a callable")
     return _INITS[spec]()
+
+
+_RECORDING: list[list] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Within this block every leaf layer called appends ``(layer, output)`` to the list it yields, in call
+    order: the feature maps of a forward pass (``jaxconv visualize``). Meant for eager calls; under
+    ``jit`` the outputs are tracers."""
+    seen: list = []
+    _RECORDING.append(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDING.pop()
 
 
 def example_shape(x, spatial_rank: int | None) -> tuple:
@@ -113,7 +130,10 @@ class Layer(nnx.Module):
     def __call__(self, x):
         spec, args, _ = self._args(x)
         op = G.manual(spec.op) if self.grad == "manual" else spec.op
-        return op(*args, **spec.options)
+        y = op(*args, **spec.options)
+        if _RECORDING:
+            _RECORDING[-1].append((self, y))
+        return y
 
     def forward_and_backward(self, x):
         spec, args, params = self._args(x)
