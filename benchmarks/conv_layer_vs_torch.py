@@ -14,7 +14,7 @@ import jax
 
 from jaxconv import compiler
 from jaxconv import functional as F
-from jaxconv.gradcheck import alternating_medians
+from jaxconv.timing import medians
 
 
 def jax_pieces(x, w, jit):
@@ -73,7 +73,7 @@ def main():
     runs = {k: (lambda fn=fn: jax.block_until_ready(fn())) for k, fn in runs.items()}
     for fn in runs.values():
         fn()
-    med = alternating_medians(runs, rounds=args.rounds)
+    med = medians(runs, steps=2 * args.rounds)
     flops = 2 * args.batch * args.size ** 2 * args.kernel ** 2 * args.cin * args.cout
     print(f"conv {args.kernel}x{args.kernel} SAME, batch {args.batch}, {args.size}x{args.size}, {args.cin}->{args.cout}, "
           f"float32, {os.cpu_count()} cores, jax {jax.__version__}, torch {torch.__version__} "

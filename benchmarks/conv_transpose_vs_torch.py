@@ -8,7 +8,7 @@ The default layer is a U-Net decoder step (14x14x64 -> 28x28x32, 2x2 kernel, str
 jaxconv's ``conv_transpose`` (the zero-spread ``lhs_dilation`` form), its hand-written backward
 (``grads.conv_transpose_vjp``, one conv and one weight-gradient conv), ``jax.vjp`` of it (which
 runs the same rule, its ``custom_vjp``), and the weight gradient that autodiff would take without
-that rule; PyTorch runs NCHW and channels_last. Rounds alternate between contenders (``gradcheck.alternating_medians``).
+that rule; PyTorch runs NCHW and channels_last. Rounds alternate between contenders (``jaxconv.timing.medians``).
 """
 import argparse
 import os
@@ -20,7 +20,8 @@ import numpy as np
 from jaxconv import compiler
 from jaxconv import functional as F
 from jaxconv import grads as G
-from jaxconv.gradcheck import alternating_medians, rel_error, torch_conv_transpose_case
+from jaxconv.gradcheck import rel_error, torch_conv_transpose_case
+from jaxconv.timing import medians
 
 
 def agreement(cases: int, seed: int = 0):
@@ -127,7 +128,7 @@ def main():
     for run in runs.values():
         for _ in range(3):
             run()
-    med = alternating_medians(runs, rounds=args.rounds)
+    med = medians(runs, steps=2 * args.rounds)
     print(f"layer: batch {args.batch}, {args.size}x{args.size}x{args.cin} -> {args.cout}, kernel {args.kernel}, "
           f"stride {args.stride}, padding {args.padding}, output_padding {args.output_padding}; float32, "
           f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores, torch {torch.__version__} "

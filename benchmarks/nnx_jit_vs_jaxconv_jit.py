@@ -3,7 +3,7 @@
     python benchmarks/nnx_jit_vs_jaxconv_jit.py [--model seed_cnn] [--batch 128] [--steps 30]
 
 The same step function, two decorators; each has its own model and optimizer (Adam); calls alternate
-(`jaxconv.bench.time_calls`). Prints both medians and the ratio.
+(`jaxconv.timing.time_calls`). Prints both medians and the ratio.
 """
 import argparse
 
@@ -13,7 +13,7 @@ from flax import nnx
 
 import jaxconv
 from jaxconv import functional as F
-from jaxconv.bench import time_calls
+from jaxconv.timing import time_calls
 
 
 def runner(jit, model_name, batch):

@@ -2,7 +2,8 @@
 training or inference step, and the same model's PyTorch twin measured the same way beside it.
 
 ``measure(...)`` returns one flat dict per configuration (every field of the JSON, CSV and table of
-``jaxconv bench``). ``time_calls({name: fn})`` is the timer underneath, for a research script's own step.
+``jaxconv bench``). ``jaxconv.timing.time_calls({name: fn})`` is the timer underneath, for a research script's
+own step.
 
 Conventions, said once:
 
@@ -19,7 +20,8 @@ Conventions, said once:
   process's peak resident memory (``ru_maxrss``), which only grows over a run (``memory_source`` says).
 * Time: ``compile_s`` is the lowering and compilation of the step (``jit(...).lower(...).compile()``),
   ``first_call_s`` the first call after it; then each contender's calls alternate round by round with the
-  others' (so a noisy machine slows all alike), each call waited for.
+  others' (so a noisy machine slows all alike), each call waited for, the first call of each round untimed
+  (:func:`jaxconv.timing.time_calls`).
 """
 from __future__ import annotations
 
@@ -28,11 +30,9 @@ import os
 import platform
 import resource
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -40,6 +40,7 @@ from jaxconv import compiler, parallel
 from jaxconv import functional as F
 from jaxconv.models import create_model
 from jaxconv.shapes import summary
+from jaxconv.timing import time_calls  # noqa: F401  (part of this module's API, as before)
 
 # Peak dense FLOP/s per device (multiply-add = 2), from the vendors' data sheets. float32 is the plain
 # (non-tensor-core) rate; XLA's default float32 matmul precision may use TF32 on Ampere and later, so a
@@ -82,29 +83,6 @@ def measured_peak(dtype=jnp.float32, n: int = 2048, calls: int = 10) -> float:
         matmul(a, b).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
-
-
-def time_calls(runs: dict[str, Callable[[], object]], *, steps: int = 20, warmup: int = 2) -> dict[str, dict]:
-    """For each ``runs[name]`` (a call that waits for its own result): the first call's seconds, then ``steps``
-    timed calls alternating between the contenders after ``warmup`` untimed ones.
-
-    Returns ``{name: {"first_s", "median_s", "q25_s", "q75_s", "samples"}}``."""
-    first = {}
-    for name, run in runs.items():
-        start = time.perf_counter()
-        run()
-        first[name] = time.perf_counter() - start
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    samples = {name: [] for name in runs}
-    for _ in range(steps):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - start)
-    return {name: dict(first_s=first[name], median_s=float(np.median(s)), q25_s=float(np.percentile(s, 25)),
-                       q75_s=float(np.percentile(s, 75)), samples=len(s)) for name, s in samples.items()}
 
 
 def jax_step(model, batch: int, *, mode: str, dtype: str, mesh, jit=compiler.jit):

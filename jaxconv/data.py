@@ -29,12 +29,24 @@ class DataError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class RawFormat:
+    """A dataset's official file format: ``find(folder)`` says where in a folder its files are (or ``None``),
+    ``read(location)`` gives ``(train, test)``; ``files`` names them for the message when none are found."""
+    files: str
+    find: Callable
+    read: Callable
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
     input_shape: tuple
     num_classes: int
     mean: tuple  # per channel, of pixel / 255 (or of the raw values for float data)
     std: tuple
+    raw: RawFormat | None = None  # the official files' format (source "raw")
     search: tuple = ()  # extra folders searched by "auto" besides --data-dir and the cache
+    subfolders: tuple = ()  # subfolders of each searched folder that may hold the files (torchvision's layout)
+    generate: Callable | None = None  # a dataset made locally: generate() -> (train, test) (source "generate")
     base: str | None = None  # a dataset read from another one's files, its labels `derive(images, labels)`
     derive: Callable | None = None
     per_pixel: bool = False  # labels [N, *spatial]: one class per position
@@ -48,20 +60,6 @@ def segment_digits(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.where(images[..., 0] >= 128, labels[:, None, None] + 1, 0).astype(np.int32)
 
 
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-DATASETS = {
-    "mnist": DatasetInfo((28, 28, 1), 10, (0.1307,), (0.3081,)),
-    "fashion_mnist": DatasetInfo((28, 28, 1), 10, (0.2860,), (0.3530,), ("/usr/share/datasets/fashion-mnist",),
-                                 classes=FASHION_CLASSES),
-    "cifar10": DatasetInfo((32, 32, 3), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                           classes=CIFAR10_CLASSES),
-    "mnist1d": DatasetInfo((40, 1), 10, (0.0,), (1.0,), pixels=False),
-    # MNIST's files, each pixel labelled background or its digit (segment_digits)
-    "mnist_seg": DatasetInfo((28, 28, 1), 11, (0.1307,), (0.3081,), base="mnist", derive=segment_digits,
-                             per_pixel=True, classes=("background",) + tuple(str(d) for d in range(10))),
-}
 SOURCES = ("auto", "raw", "tfds", "generate")
 
 
@@ -316,40 +314,50 @@ def load_tfds(name: str, data_dir: str | None) -> tuple[Split, Split]:
     return tuple(splits)
 
 
+# --------------------------------------------------------------------------- the datasets
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IDX = RawFormat("train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                "t10k-labels-idx1-ubyte.gz", lambda folder: folder if _idx_folder(folder) else None, load_idx_dataset)
+CIFAR10 = RawFormat("cifar-10-python.tar.gz, cifar-10-batches-py/ or cifar-10-batches-bin/", _cifar_location,
+                    load_cifar10_raw)
+DATASETS = {
+    "mnist": DatasetInfo((28, 28, 1), 10, (0.1307,), (0.3081,), IDX, subfolders=("MNIST", "MNIST/raw")),
+    "fashion_mnist": DatasetInfo((28, 28, 1), 10, (0.2860,), (0.3530,), IDX, ("/usr/share/datasets/fashion-mnist",),
+                                 subfolders=("FashionMNIST", "FashionMNIST/raw"), classes=FASHION_CLASSES),
+    "cifar10": DatasetInfo((32, 32, 3), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), CIFAR10,
+                           classes=CIFAR10_CLASSES),
+    "mnist1d": DatasetInfo((40, 1), 10, (0.0,), (1.0,), generate=lambda: generate_mnist1d(), pixels=False),
+    # MNIST's files, each pixel labelled background or its digit (segment_digits)
+    "mnist_seg": DatasetInfo((28, 28, 1), 11, (0.1307,), (0.3081,), base="mnist", derive=segment_digits,
+                             per_pixel=True, classes=("background",) + tuple(str(d) for d in range(10))),
+}
+
 # --------------------------------------------------------------------------- entry point
 
 def _raw_candidates(name: str, data_dir: str | None):
+    info = DATASETS[name]
     roots = [data_dir] if data_dir else []
-    roots += [os.path.join(cache_dir(), name)] + list(DATASETS[name].search)
-    folders = []
-    for root in roots:
-        # The folder itself, a per-dataset subfolder, and torchvision's layout.
-        for sub in ("", name, name.upper(), "FashionMNIST" if name == "fashion_mnist" else "MNIST",
-                    os.path.join("MNIST" if name == "mnist" else "FashionMNIST", "raw")):
-            folders.append(os.path.join(root, sub) if sub else root)
-    return list(dict.fromkeys(folders))
+    roots += [os.path.join(cache_dir(), name)] + list(info.search)
+    subs = ("", name, name.upper()) + info.subfolders  # the folder itself, a per-dataset subfolder, torchvision's
+    return list(dict.fromkeys(os.path.join(root, sub) if sub else root for root in roots for sub in subs))
 
 
 def _load_raw(name: str, data_dir: str | None):
+    raw = DATASETS[name].raw
     for folder in _raw_candidates(name, data_dir):
-        if not os.path.isdir(folder):
-            continue
-        if name == "cifar10":
-            location = _cifar_location(folder)
-            if location:
-                return load_cifar10_raw(location), location
-        elif _idx_folder(folder):
-            return load_idx_dataset(folder), folder
+        location = raw.find(folder) if os.path.isdir(folder) else None
+        if location:
+            return raw.read(location), location
     return None, None
 
 
 def _not_found(name: str, data_dir: str | None) -> DataError:
-    wanted = ("cifar-10-python.tar.gz, cifar-10-batches-py/ or cifar-10-batches-bin/" if name == "cifar10" else
-              "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-              "t10k-labels-idx1-ubyte.gz")
     looked = ", ".join(_raw_candidates(name, data_dir))
     return DataError(
-        f"no {name} data on this machine (nothing is downloaded). Looked for {wanted} in: {looked}; "
+        f"no {name} data on this machine (nothing is downloaded). Looked for {DATASETS[name].raw.files} in: {looked}; "
         f"and for a prepared tensorflow-datasets copy in {data_dir or '~/tensorflow_datasets'}. "
         f"Put the official files in a folder and pass --data-dir FOLDER, or use --source tfds with a prepared copy."
     )
@@ -368,12 +376,13 @@ def load_dataset(name: str, *, data_dir: str | None = None, source: str = "auto"
         data = load_dataset(info.base, data_dir=data_dir, source=source)
         splits = [Split(s.images, info.derive(s.images, s.labels)) for s in (data.train, data.test)]
         return Dataset(name, *splits, f"{data.source}, labels by {info.derive.__name__}")
-    if name == "mnist1d":
+    if info.generate is not None:
         if source not in ("auto", "generate"):
-            raise ValueError(f"load_dataset: mnist1d is generated locally; source {source!r} does not apply")
-        return Dataset(name, *generate_mnist1d(), "generated by the mnist1d package")
+            raise ValueError(f"load_dataset: {name} is generated locally; source {source!r} does not apply")
+        return Dataset(name, *info.generate(), f"generated by the {name} package")
     if source == "generate":
-        raise ValueError(f"load_dataset: only mnist1d can be generated; {name} needs source 'raw' or 'tfds'")
+        made = [d for d, i in DATASETS.items() if i.generate is not None]
+        raise ValueError(f"load_dataset: only {', '.join(made)} can be generated; {name} needs source 'raw' or 'tfds'")
     if source in ("auto", "raw"):
         splits, location = _load_raw(name, data_dir)
         if splits:

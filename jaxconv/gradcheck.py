@@ -11,15 +11,12 @@ whole model, so round-off on a zero gradient does not read as a large relative e
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from jaxconv import compiler
 from jaxconv import functional as F
 from jaxconv import grads as G
 from jaxconv.backprop import manual_value_and_grad
@@ -208,63 +205,15 @@ def _shift(params, path, delta):
     return nnx.from_flat_state(flat)
 
 
-def jitted_train_step(model, x, y, tx, *, jit=compiler.jit):
-    """A jitted ``step(params, opt_state, rest) -> (params, opt_state, rest, loss)`` for ``model`` on a
-    fixed batch, and its initial ``(params, opt_state, rest)``: what the timing scripts run.
-
-    ``jit`` compiles it: jaxconv's (with :mod:`jaxconv.compiler`'s options) unless told otherwise,
-    e.g. ``jit=jax.jit`` for XLA's defaults."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    @jit
-    def step(p, opt_state, r):
-        def loss_fn(p):
-            m = nnx.merge(graphdef, p, r, copy=True)
-            return F.cross_entropy(m(x), y), nnx.state(m, nnx.Not(nnx.Param))
-        (loss, r), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
-        updates, opt_state = tx.update(g, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, r, loss
-
-    return step, (params, tx.init(params), rest)
-
-
-def alternating_medians(runs: dict, *, rounds: int = 30, block: int = 3) -> dict:
-    """Median seconds per call of each ``runs[name]()`` (which must wait for its own result).
-
-    Each round calls every contender ``block`` times in a row, so that a noisy machine slows all of
-    them alike; the first call of each block is not timed, so that the busy-waiting threads one
-    library leaves behind (OpenMP's, Eigen's) are not charged to the next. Call each once before,
-    to compile.
-    """
-    samples = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            run()
-            for _ in range(block - 1):
-                start = time.perf_counter()
-                run()
-                samples[name].append(time.perf_counter() - start)
-    return {name: float(np.median(v)) for name, v in samples.items()}
-
-
 def step_time_ratio(name: str, *, batch: int = 128, rounds: int = 30, seed: int = 0):
-    """Median seconds of a jitted SGD training step with ``grad="manual"`` and ``grad="auto"``,
-    compiled first, then timed by :func:`alternating_medians`."""
+    """Median seconds of a jitted SGD training step with ``grad="manual"`` and ``grad="auto"``, compiled
+    first, then timed alternately (:func:`jaxconv.timing.medians`, ``2 * rounds`` timed steps each)."""
+    from jaxconv.timing import jitted_train_step, medians, step_runner
     runs = {}
     for grad in ("auto", "manual"):
         model = create_model(name, seed=seed, grad=grad)
         step, state = jitted_train_step(model, *random_batch(model, batch, seed, jnp.float32), optax.sgd(0.01))
         runs[grad] = step_runner(step, state)
         runs[grad]()
-    med = alternating_medians(runs, rounds=rounds)
+    med = medians(runs, steps=2 * rounds)
     return med["manual"], med["auto"]
-
-
-def step_runner(step, state):
-    """A no-argument call that advances ``step``'s state by one step and waits for the loss."""
-    state = list(state)
-
-    def run():
-        *state[:], loss = step(*state)
-        jax.block_until_ready(loss)
-    return run

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from jaxconv import compiler
-from jaxconv.gradcheck import jitted_train_step
+from jaxconv.timing import jitted_train_step
 from jaxconv.models import create_model
 
 KEY = "xla_cpu_experimental_ynn_fusion_type"
