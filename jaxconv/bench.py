@@ -127,6 +127,35 @@ def jax_step(model, batch: int, *, mode: str, dtype: str, mesh, jit=compiler.jit
     return run, compiled
 
 
+def flax_step(model, batch: int, *, mode: str, dtype: str):
+    """``run()`` for the plain Flax NNX program of the same model (:func:`jaxconv.flax_twin.flax_twin`), as a
+    Flax user writes it: ``nnx.jit``, ``nnx.Optimizer`` updated in place (SGD with momentum 0.9), optax's
+    cross-entropy; or ``nnx.jit`` of the model in eval mode for inference. One device."""
+    from jaxconv.flax_twin import flax_twin
+    real = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    twin = flax_twin(model)
+    key_x, key_y = jax.random.split(jax.random.key(0))
+    *positions, classes = model.output_shape(model.input_shape)
+    x = jax.random.normal(key_x, (batch, *model.input_shape), real)
+    y = jax.random.randint(key_y, (batch, *positions), 0, classes)
+    if mode == "inference":
+        twin.eval()
+        infer = nnx.jit(lambda m, x: m(x))
+        return lambda: jax.block_until_ready(infer(twin, x))
+    twin.train()
+    optimizer = nnx.Optimizer(twin, optax.sgd(0.01, momentum=0.9), wrt=nnx.Param)
+
+    @nnx.jit
+    def train(m, opt, x, y):
+        def loss_fn(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(x).astype(jnp.float32), y).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(m)
+        opt.update(m, grads)
+        return loss
+
+    return lambda: jax.block_until_ready(train(twin, optimizer, x, y))
+
+
 def _compiled(step, args):
     """``step`` lowered and compiled for ``args``, with the seconds it took as ``.seconds``."""
     start = time.perf_counter()
@@ -213,10 +242,11 @@ def environment() -> dict:
 
 
 def measure(model_name, *, batch: int = 128, dtype: str = "float32", grad: str = "auto",
-            mode: str = "train", devices: str | int = 1, compare_torch: bool = False, steps: int = 20,
-            peak: tuple[float, str] | None = None) -> dict:
+            mode: str = "train", devices: str | int = 1, compare_torch: bool = False, compare_flax: bool = False,
+            steps: int = 20, peak: tuple[float, str] | None = None) -> dict:
     """One configuration, measured: see the module docstring for every field's meaning. ``model_name`` is a
-    registered model's name, or a built model (a module with ``input_shape``, e.g. ``Builder(...).build(name)``)."""
+    registered model's name, or a built model (a module with ``input_shape``, e.g. ``Builder(...).build(name)``).
+    ``compare_flax`` also times the plain Flax NNX program of the model (:func:`flax_step`, one device)."""
     if mode not in ("train", "inference"):
         raise ValueError(f"--mode must be train or inference, got {mode!r}")
     if dtype not in ("float32", "bfloat16"):
@@ -237,6 +267,14 @@ def measure(model_name, *, batch: int = 128, dtype: str = "float32", grad: str =
                 runs["torch channels_last"] = torch_step(model, batch, mode=mode, dtype=dtype, channels_last=True)
         except ImportError as err:
             torch_error = f"PyTorch is not installed ({err}); install torch==2.13.0 to compare"
+    flax_error = None
+    if compare_flax:
+        try:
+            if mesh.size > 1:
+                raise TypeError("the plain Flax program runs on one device; compare it with --devices 1")
+            runs["flax"] = flax_step(model, batch, mode=mode, dtype=dtype)
+        except TypeError as err:
+            flax_error = str(err)
     timed = time_calls(runs, steps=steps)
     ours = timed["jaxconv"]
     device = mesh.devices.flat[0]
@@ -261,6 +299,11 @@ def measure(model_name, *, batch: int = 128, dtype: str = "float32", grad: str =
                    torch_first_call_s=best["first_s"], speed_vs_torch=best["median_s"] / ours["median_s"])
     elif compare_torch:
         row["torch_error"] = torch_error
+    if "flax" in timed:
+        row.update(flax_step_s=timed["flax"]["median_s"], flax_first_call_s=timed["flax"]["first_s"],
+                   speed_vs_flax=timed["flax"]["median_s"] / ours["median_s"])
+    elif compare_flax:
+        row["flax_error"] = flax_error
     return row
 
 
@@ -285,7 +328,8 @@ COLUMNS = (("model", "model", "{}"), ("mode", "mode", "{}"), ("batch", "batch", 
            ("images_per_s_per_device", "img/s/dev", "{:,.0f}"), ("flops_model", "GFLOP model", "{:.3f}", 1e-9),
            ("flops_xla", "GFLOP XLA", "{:.3f}", 1e-9), ("mfu", "MFU", "{:.1%}"),
            ("memory_bytes", "mem MiB", "{:,.0f}", 2 ** -20), ("torch_step_s", "torch ms", "{:.2f}", 1e3),
-           ("speed_vs_torch", "vs torch", "{:.2f}x"))
+           ("speed_vs_torch", "vs torch", "{:.2f}x"), ("flax_step_s", "flax ms", "{:.2f}", 1e3),
+           ("speed_vs_flax", "vs flax", "{:.2f}x"))
 
 
 def format_table(rows: list[dict]) -> str:

@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--grad", default="auto", metavar="auto,manual")
     bench.add_argument("--devices", default="1", metavar="N[,N...]|all", help="devices the batch is split across")
     bench.add_argument("--mode", default="train", metavar="train,inference")
-    bench.add_argument("--compare", choices=["torch"], help="also time the PyTorch twin (best of NCHW, channels_last)")
+    bench.add_argument("--compare", metavar="torch,flax", default="",
+                       help="also time the PyTorch twin (best of NCHW, channels_last) and/or the plain Flax NNX "
+                            "program of the same model (nnx.jit, nnx.Optimizer; one device)")
     bench.add_argument("--steps", type=_positive_int, default=20, help="timed steps per configuration (default 20)")
     bench.add_argument("--json", metavar="FILE", help="JSON lines: every field and the environment")
     bench.add_argument("--csv", metavar="FILE")
@@ -338,17 +340,20 @@ def _bench(args) -> int:
                              listed(args.dtype, "--dtype", ["float32", "bfloat16"]),
                              listed(args.grad, "--grad", ["auto", "manual"]),
                              ["all"] if args.devices == "all" else listed(args.devices, "--devices", kind=int))
+    compare = listed(args.compare, "--compare", ["torch", "flax"])
     env = bench.environment()
     print(f"jaxconv bench on {env['device_count']} {env['device_kind']} device(s), {env['cpu_count']} cores; "
           f"jax {env['jax']}, flax {env['flax']}, torch {env['torch']}; XLA options {env['xla_options'] or 'none'}")
     rows = []
     for model, mode, batch, dtype, grad, devices in grid:
         row = bench.measure(model, batch=batch, dtype=dtype, grad=grad, mode=mode, devices=devices,
-                            compare_torch=args.compare == "torch", steps=args.steps)
+                            compare_torch="torch" in compare, compare_flax="flax" in compare, steps=args.steps)
         rows.append(row)
         print(f"  {model} {mode} batch {batch} {dtype} grad={grad} x{row['devices']}: step {row['step_s'] * 1e3:.2f} ms"
               + (f", torch {row['torch_step_s'] * 1e3:.2f} ms ({row['torch_layout']})" if "torch_step_s" in row else "")
-              + (f"; {row['torch_error']}" if row.get("torch_error") else ""), flush=True)
+              + (f"; {row['torch_error']}" if row.get("torch_error") else "")
+              + (f", flax {row['flax_step_s'] * 1e3:.2f} ms" if "flax_step_s" in row else "")
+              + (f"; flax: {row['flax_error']}" if row.get("flax_error") else ""), flush=True)
     print(bench.format_table(rows))
     print(f"FLOPs: multiply-add = 2 in both columns; model = jaxconv's summary count x batch (x3 for training); "
           f"XLA = cost_analysis() of the compiled step. MFU against {rows[0]['peak_flops_per_s'] / rows[0]['devices']:.3g} "

@@ -5,8 +5,10 @@ import json
 import sys
 
 import pytest
+from flax import nnx
 
 from jaxconv import bench
+from jaxconv import layers as L
 from jaxconv.cli import main
 from jaxconv.models import Builder
 
@@ -59,6 +61,15 @@ def test_without_torch_the_comparison_is_skipped_with_a_reason(monkeypatch):
     assert row["torch_error"].endswith("install torch==2.13.0 to compare")
 
 
+def test_the_plain_flax_program_is_timed_beside_it():
+    row = bench.measure("mnist1d_cnn", batch=4, mode="train", steps=2, compare_flax=True, peak=GIVEN_PEAK)
+    assert row["flax_step_s"] > 0 and row["flax_first_call_s"] > 0
+    assert row["speed_vs_flax"] == pytest.approx(row["flax_step_s"] / row["step_s"])
+    grouped = Builder((8, 8, 4)).add(L.ConvTranspose2d(4, 4, 3, groups=2, rngs=nnx.Rngs(0))).build("grouped")
+    row = bench.measure(grouped, batch=2, mode="inference", steps=2, compare_flax=True, peak=GIVEN_PEAK)
+    assert "flax_step_s" not in row and "has no groups" in row["flax_error"]
+
+
 def test_the_command_writes_table_json_csv_and_plot(tmp_path, capsys):
     paths = {k: tmp_path / f"b.{k}" for k in ("jsonl", "csv", "png")}
     assert main(["bench", "--model", "mnist1d_cnn", "--batch-size", "4,8", "--mode", "inference", "--steps", "2",
@@ -79,3 +90,22 @@ def test_bad_lists_are_one_line(capsys):
     assert "jaxconv bench: error: --model: unknown 'nope'; choose from mnist1d_cnn" in capsys.readouterr().err
     assert main(["bench", "--model", "mnist1d_cnn", "--batch-size", "8,0"]) == 2
     assert capsys.readouterr().err == "jaxconv bench: error: --batch-size: '0' is not a count >= 1\n"
+
+
+def test_devices_split_the_batch_and_the_flax_program_stays_on_one(tmp_path):
+    """Two simulated devices in a process of its own: a row per device count, per-device throughput halved."""
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_NUM_CPU_DEVICES"] = "2"
+    out = tmp_path / "b.jsonl"
+    done = subprocess.run([sys.executable, "-m", "jaxconv", "bench", "--model", "mnist1d_cnn", "--batch-size", "8",
+                           "--devices", "1,2", "--steps", "2", "--compare", "flax", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["devices"] for r in rows] == [1, 2]
+    assert rows[1]["images_per_s_per_device"] == pytest.approx(rows[1]["images_per_s"] / 2)
+    assert rows[1]["peak_flops_per_s"] == pytest.approx(2 * rows[0]["peak_flops_per_s"])
+    assert rows[0]["flax_step_s"] > 0 and "compare it with --devices 1" in rows[1]["flax_error"]
+    assert rows[0]["environment"]["device_count"] == 2
