@@ -14,7 +14,7 @@ from jaxconv import grads as G
 from jaxconv import gradcheck as GC
 from jaxconv.backprop import manual_value_and_grad
 
-PER_OP = 8  # random configurations per op (x 20 ops), 1-D and 2-D alternating; the experiment runs more
+PER_OP = 4  # random configurations per op (x 20 ops), 1-D and 2-D alternating; experiments/autodiff_vs_manual.py runs more
 
 pytestmark = pytest.mark.x64  # float64 references at tight tolerances
 

@@ -205,7 +205,7 @@ def test_a_run_folder_is_never_replaced_without_consent(tmp_path):
     before = {name: (tmp_path / "run" / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
     ckpts = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
     with pytest.raises(ValueError, match=r"already holds a run \(config.json, metrics.jsonl, checkpoints, results.json, "
-                                         r"confusion_matrix.csv, curves.png\); "
+                                         r"confusion_matrix.csv, curves.png, tensorboard\); "
                                          r"pass --resume to continue it, or --overwrite to replace it"):
         fit(TrainConfig(epochs=2, out=out), dataset=data, log=quiet)
     with pytest.raises(ValueError, match="create_model: lenet5 takes 2-D inputs"):
@@ -218,6 +218,7 @@ def test_a_run_folder_is_never_replaced_without_consent(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     assert json.load(open(tmp_path / "run" / "config.json"))["seed"] == 3
     assert not (tmp_path / "run" / "config.json.tmp").exists()
+    assert len(os.listdir(tmp_path / "run" / "tensorboard")) == 1  # the old run's event file went with it
 
 
 def test_epoch_train_metrics_are_the_mean_over_every_step_of_the_epoch(tmp_path):
