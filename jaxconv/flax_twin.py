@@ -17,24 +17,10 @@ from flax import nnx
 
 from jaxconv import functional as F
 from jaxconv import layers as L
+from jaxconv.converters import Converters
 
-_CONVERTERS = {}
-
-
-def converts(layer_type):
-    """Register ``convert(layer, in_shape) -> nnx.Module``."""
-    def decorate(fn):
-        _CONVERTERS[layer_type] = fn
-        return fn
-    return decorate
-
-
-def _convert(layer, in_shape):
-    for cls in type(layer).__mro__:
-        if cls in _CONVERTERS:
-            return _CONVERTERS[cls](layer, tuple(in_shape))
-    raise TypeError(f"flax_twin: no Flax converter for {type(layer).__name__}; register one with "
-                    f"@jaxconv.flax_twin.converts({type(layer).__name__})")
+_convert = Converters("flax_twin", "jaxconv.flax_twin", "Flax")
+converts = _convert.register  # @converts(LayerType) registers convert(layer, in_shape) -> nnx.Module
 
 
 class Function(nnx.Module):
@@ -63,8 +49,16 @@ class Concat(nnx.Module):
         return jnp.concatenate([b(x) for b in self.branches], axis=-1)
 
 
-def _copy(variable, value):
-    variable[...] = jnp.asarray(np.asarray(value), variable[...].dtype)
+def _with(module, layer, *names, kernel=None):
+    """``module`` with ``layer``'s arrays ``names`` copied into its same-named variables (a missing bias
+    stays missing); ``kernel`` replaces ``layer.kernel`` when its layout differs."""
+    for name in names:
+        value = getattr(layer, name)
+        if value is not None:
+            variable = getattr(module, name)
+            value = kernel if name == "kernel" and kernel is not None else value[...]
+            variable[...] = jnp.asarray(np.asarray(value), variable[...].dtype)
+    return module
 
 
 def _rngs():
@@ -77,10 +71,7 @@ def _conv(layer, in_shape):
     conv = nnx.Conv(c_in, c_out, layer.kernel_size, layer.stride, padding=layer._pads(in_shape),
                     kernel_dilation=layer.dilation, feature_group_count=layer.groups, use_bias=layer.bias is not None,
                     rngs=_rngs())
-    _copy(conv.kernel, layer.kernel[...])
-    if layer.bias is not None:
-        _copy(conv.bias, layer.bias[...])
-    return conv
+    return _with(conv, layer, "kernel", "bias")
 
 
 @converts(L.ConvTranspose)
@@ -95,19 +86,13 @@ def _conv_transpose(layer, in_shape):
     conv = nnx.ConvTranspose(c_in, c_out, layer.kernel_size, layer.stride, padding=padding,
                              kernel_dilation=layer.dilation, use_bias=layer.bias is not None, transpose_kernel=True,
                              rngs=_rngs())
-    _copy(conv.kernel, np.swapaxes(np.asarray(layer.kernel[...]), -1, -2))
-    if layer.bias is not None:
-        _copy(conv.bias, layer.bias[...])
-    return conv
+    return _with(conv, layer, "kernel", "bias", kernel=np.swapaxes(np.asarray(layer.kernel[...]), -1, -2))
 
 
 @converts(L.Dense)
 def _dense(layer, in_shape):
     dense = nnx.Linear(*layer.kernel.shape, use_bias=layer.bias is not None, rngs=_rngs())
-    _copy(dense.kernel, layer.kernel[...])
-    if layer.bias is not None:
-        _copy(dense.bias, layer.bias[...])
-    return dense
+    return _with(dense, layer, "kernel", "bias")
 
 
 @converts(L.MaxPool)
@@ -162,23 +147,19 @@ def _upsample(layer, in_shape):
 @converts(L.BatchNorm)
 def _batch_norm(layer, in_shape):
     norm = nnx.BatchNorm(layer.scale.shape[0], momentum=layer.momentum, epsilon=layer.epsilon, rngs=_rngs())
-    for ours, theirs in (("scale", "scale"), ("bias", "bias"), ("mean", "mean"), ("var", "var")):
-        _copy(getattr(norm, theirs), getattr(layer, ours)[...])
-    return norm
+    return _with(norm, layer, "scale", "bias", "mean", "var")
 
 
 @converts(L.GroupNorm)
 def _group_norm(layer, in_shape):
     norm = nnx.GroupNorm(layer.scale.shape[0], num_groups=layer.num_groups, epsilon=layer.epsilon, rngs=_rngs())
-    _copy(norm.scale, layer.scale[...]), _copy(norm.bias, layer.bias[...])
-    return norm
+    return _with(norm, layer, "scale", "bias")
 
 
 @converts(L.LayerNorm)
 def _layer_norm(layer, in_shape):
     norm = nnx.LayerNorm(layer.scale.shape[0], epsilon=layer.epsilon, rngs=_rngs())
-    _copy(norm.scale, layer.scale[...]), _copy(norm.bias, layer.bias[...])
-    return norm
+    return _with(norm, layer, "scale", "bias")
 
 
 @converts(L.Sequential)

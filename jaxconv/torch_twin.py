@@ -14,24 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from jaxconv import layers as L
+from jaxconv.converters import Converters
 
-_CONVERTERS = {}
-
-
-def converts(layer_type):
-    """Register ``convert(layer, in_shape, n_spatial) -> (torch module, [(jax path, torch key, to, back)])``."""
-    def decorate(fn):
-        _CONVERTERS[layer_type] = fn
-        return fn
-    return decorate
-
-
-def _convert(layer, in_shape):
-    for cls in type(layer).__mro__:
-        if cls in _CONVERTERS:
-            return _CONVERTERS[cls](layer, tuple(in_shape))
-    raise TypeError(f"torch_twin: no PyTorch converter for {type(layer).__name__}; register one with "
-                    f"@jaxconv.torch_twin.converts({type(layer).__name__})")
+_convert = Converters("torch_twin", "jaxconv.torch_twin", "PyTorch")
+# @converts(LayerType) registers convert(layer, in_shape) -> (torch module, [(jax path, torch key, to, back)])
+converts = _convert.register
 
 
 def _nn():

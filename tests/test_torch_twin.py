@@ -77,6 +77,21 @@ def test_state_dict_keys_follow_jaxconv_paths_and_mismatches_are_named():
         load_torch_state_dict(model, state)
 
 
+
+def test_a_layer_without_a_converter_is_named_and_a_subclass_converts_as_its_parent():
+    from jaxconv import layers as L
+
+    class Odd(L.Pointwise):
+        op = staticmethod(jnp.tanh)
+    with pytest.raises(TypeError, match=r"no PyTorch converter for Odd; register one with @jaxconv.torch_twin.converts\(Odd\)"):
+        torch_twin(L.Sequential([Odd()], input_shape=(3,)))
+
+    class MyReLU(L.ReLU):
+        pass
+    net = torch_twin(L.Sequential([MyReLU()], input_shape=(3,)))
+    x = np.array([[-1.0, 0.5, 2.0]], np.float32)
+    np.testing.assert_array_equal(net(torch.from_numpy(x)).numpy(), [[0.0, 0.5, 2.0]])
+
 needs_mnist = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "mnist")),
                                  reason="../shared/data/mnist not present")
 
