@@ -589,6 +589,36 @@ def global_avg_pool(x, *, spatial_rank: int | None = None):
 # --------------------------------------------------------------------------- dense, activations, reshapes
 
 
+def matmul(a, b, *, precision=None):
+    """``a @ b`` for 2-D arrays. Low-precision floats (bfloat16, float16) accumulate in float32
+    (``preferred_element_type``) and return in their own dtype: the same numbers as XLA's own bfloat16 dot
+    on CPU, and a different kernel - several times faster on CPUs with bfloat16 matrix units."""
+    dtype = jnp.result_type(a, b)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return _low_precision_matmul(a.astype(dtype), b.astype(dtype), precision)
+    return jnp.dot(a, b, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_precision_matmul(a, b, precision):
+    return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _low_precision_matmul_fwd(a, b, precision):
+    return _low_precision_matmul(a, b, precision), (a, b)
+
+
+def _low_precision_matmul_bwd(precision, residuals, g):
+    # autodiff of the float32-accumulating dot would take the float32 cotangent into float32 dots; these stay on
+    # the low-precision kernel: g @ b^T and a^T @ g, accumulated in float32 again.
+    a, b = residuals
+    g = g.astype(a.dtype)
+    return _low_precision_matmul(g, b.T, precision), _low_precision_matmul(a.T, g, precision)
+
+
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
 @one_example(_matrix_rank)
 def dense(x, w, b=None, *, precision=None):
     """Affine map ``x @ w + b``. x: ``[N, D_in]``, w: ``[D_in, D_out]``, b: ``[D_out]``."""
@@ -599,7 +629,7 @@ def dense(x, w, b=None, *, precision=None):
     if x.shape[1] != w.shape[0]:
         raise ValueError(f"dense: `x.shape[1]` (={x.shape[1]}) must equal `w.shape[0]` (={w.shape[0]})")
     _check_bias(b, w.shape[1], fn=fn)
-    y = jnp.dot(x, w, precision=precision)
+    y = matmul(x, w, precision=precision)
     return y if b is None else y + b.astype(y.dtype)
 
 

@@ -198,8 +198,8 @@ def dense_vjp(g, x, w, b=None, *, precision=None):
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"{fn}: `x` [N, D_in] and `w` [D_in, D_out] do not match: {tuple(x.shape)}, {tuple(w.shape)}")
     _check_g(g, (x.shape[0], w.shape[1]), fn=fn)
-    dx = jnp.dot(g, w.T.astype(g.dtype), precision=precision)
-    dw = jnp.dot(x.T.astype(g.dtype), g, precision=precision)
+    dx = F.matmul(g, w.T.astype(g.dtype), precision=precision)
+    dw = F.matmul(x.T.astype(g.dtype), g, precision=precision)
     return dx.astype(x.dtype), dw.astype(w.dtype), jnp.sum(g, axis=0)
 
 
