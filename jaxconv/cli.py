@@ -278,14 +278,12 @@ def _summary(args) -> int:
 
 
 def _visualize(args) -> int:
-    import jax.numpy as jnp
     from jaxconv import pictures
     from jaxconv.data import load_dataset
     from jaxconv.inference import load, read_image
-    from jaxconv.steps import normalise
 
     model = load(args.out, args.which)
-    config, info = model.config, model.info
+    config = model.config
     if args.image:
         image, name = read_image(args.image, model.input_shape), os.path.splitext(os.path.basename(args.image))[0]
     else:
@@ -294,8 +292,7 @@ def _visualize(args) -> int:
             raise ValueError(f"--index must be in [0, {len(test) - 1}] for {config.dataset}'s test set, got {args.index}")
         image, name = test.images[args.index], f"test{args.index}"
     batch = model.prepare(image)[0]
-    x = normalise(jnp.asarray(batch), jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32))
-    logits, maps = pictures.conv_outputs(model.module, x)
+    logits, maps = pictures.conv_outputs(model.module, model.normalised(batch))
     shifted = logits[0] - logits[0].max(axis=-1, keepdims=True)
     probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
     folder = os.path.join(args.out, "pictures")

@@ -63,10 +63,14 @@ class Classifier:
         info = DATASETS[config.dataset]
         self.info, self.class_names, self.input_shape = info, info.classes, info.input_shape
         real = jnp.float64 if config.dtype == "float64" else jnp.float32
-        mean, std = jnp.asarray(info.mean, real), jnp.asarray(info.std, real)
+        self._mean, self._std = jnp.asarray(info.mean, real), jnp.asarray(info.std, real)
         graphdef, state = nnx.split(module)
-        self._apply = jax.jit(lambda st, x: nnx.merge(graphdef, st)(normalise(x, mean, std)).astype(real))
+        self._apply = jax.jit(lambda st, x: nnx.merge(graphdef, st)(self.normalised(x)).astype(real))
         self._state = state
+
+    def normalised(self, batch):
+        """A batch from :meth:`prepare` as the network sees it: the run's input normalisation applied."""
+        return normalise(jnp.asarray(batch), self._mean, self._std)
 
     def __repr__(self):
         c = self.checkpoint
