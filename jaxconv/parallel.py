@@ -204,6 +204,15 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(f"jaxconv:{name}")
 
 
+def one_step_in_flight(mesh: Mesh) -> bool:
+    """Whether training must wait for each step before dispatching the next: in a multi-process run on CPU
+    devices. There, steps dispatched ahead can deadlock XLA's CPU client (seen with 2 processes x 2 devices under
+    load): a launch of the next step, blocked on its device's in-flight limit, holds one of the client's few pool
+    threads, and the other local device's share of the current step's gloo all-reduce then never starts, so every
+    process waits in the all-reduce for good. GPUs and TPUs keep their streams ahead of the host."""
+    return jax.process_count() > 1 and any(d.platform == "cpu" for d in mesh.devices.flat)
+
+
 def device_kinds(mesh: Mesh) -> list[str]:
     return sorted({d.device_kind for d in mesh.devices.flat})
 

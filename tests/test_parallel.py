@@ -21,6 +21,8 @@ from jaxconv.train import TIMING_FIELDS, Stopped, TrainConfig, fit
 from tests.test_train import quiet, subset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Under pytest-xdist, the tests that start processes of their own run one after another in one worker.
+pytestmark = pytest.mark.xdist_group("processes")
 LOSSES = ("train_loss", "test_loss", "val_loss")
 
 
@@ -66,7 +68,8 @@ def finish(procs, timeout=300):
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise
+            tails = [f"process {i}:\n{q.communicate()[1][-3000:]}" for i, q in enumerate(procs)]
+            raise AssertionError(f"still running after {timeout} s\n" + "\n".join(tails)) from None
         results.append((p.returncode, out, err))
     return results
 
@@ -143,7 +146,10 @@ def kill_after_two_epochs(out, victim: int):
     procs = launch(2, 2, out, ["--epochs", "100"])
     deadline = time.monotonic() + 180
     while not (os.path.exists(out / "metrics.jsonl") and len(metrics(out)) >= 2):
-        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].stderr.read()[-2000:]
+        if time.monotonic() > deadline or procs[0].poll() is not None:
+            for p in procs:
+                p.kill()
+            raise AssertionError("two epochs were not done within 180 s:\n" + procs[0].communicate()[1][-2000:])
         time.sleep(0.2)
     procs[victim].kill()
     killed = time.monotonic()
