@@ -14,6 +14,12 @@ import pytest  # noqa: E402
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per core, at most 4 (each test already uses every core XLA gives it, and some start
+    several processes of their own)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "x64: run this test with jax_enable_x64 (float64 arrays)")
 
