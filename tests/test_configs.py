@@ -31,8 +31,8 @@ def test_every_dataset_has_a_recipe_file_and_every_file_is_complete_and_document
 def test_dataset_and_model_flags_find_their_recipe():
     # He et al.'s optimiser for resnet20 on CIFAR-10 (configs/cifar10_resnet20.py), written out here
     r20 = resolve(TrainConfig(dataset="cifar10", model="resnet20"))
-    assert (r20.optimizer, r20.lr, r20.weight_decay, r20.batch_size, r20.crop, r20.flip, r20.epochs) == (
-        "nesterov", 0.1, 5e-4, 128, 4, True, 30)
+    assert (r20.optimizer, r20.lr, r20.weight_decay, r20.batch_size, r20.crop, r20.flip, r20.epochs,
+            r20.label_smoothing) == ("nesterov", 0.1, 5e-4, 128, 4, True, 40, 0.1)
     # the dataset's own file for its default model, and for a model with no file of its own
     assert resolve(TrainConfig(dataset="cifar10")).model == "convnetjs_cifar"
     vgg = resolve(TrainConfig(dataset="cifar10", model="cifar_vgg"))
@@ -90,4 +90,4 @@ def test_config_with_resume_is_refused(tmp_path, capsys):
 
 def test_a_recipe_file_is_a_plain_dataclass_a_user_can_copy():
     config = recipes()["cifar10_resnet20"]
-    assert dataclasses.replace(config, epochs=40).epochs == 40
+    assert dataclasses.replace(config, epochs=60).epochs == 60
