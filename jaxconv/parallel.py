@@ -205,12 +205,14 @@ def sync(name: str) -> None:
 
 
 def one_step_in_flight(mesh: Mesh) -> bool:
-    """Whether training must wait for each step before dispatching the next: in a multi-process run on CPU
-    devices. There, steps dispatched ahead can deadlock XLA's CPU client (seen with 2 processes x 2 devices under
-    load): a launch of the next step, blocked on its device's in-flight limit, holds one of the client's few pool
-    threads, and the other local device's share of the current step's gloo all-reduce then never starts, so every
-    process waits in the all-reduce for good. GPUs and TPUs keep their streams ahead of the host."""
-    return jax.process_count() > 1 and any(d.platform == "cpu" for d in mesh.devices.flat)
+    """Whether a program on ``mesh`` must finish before the next is dispatched: on a mesh of several CPU devices.
+    There, programs dispatched ahead deadlock XLA's CPU client now and then under load: a launch of the next
+    program, blocked on its device's in-flight limit, holds one of the client's few pool threads, and another
+    device's share of the current program's all-reduce then never starts. Seen both ways on this project's
+    2-core CI: 2 processes x 2 devices waiting in a gloo all-reduce for good, and 1 process x 4 devices aborted
+    by XLA ("Expected 4 threads to join the rendezvous, but only 2 of them arrived"). GPUs and TPUs keep their
+    streams ahead of the host."""
+    return mesh.size > 1 and any(d.platform == "cpu" for d in mesh.devices.flat)
 
 
 def device_kinds(mesh: Mesh) -> list[str]:

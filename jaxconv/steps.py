@@ -182,7 +182,11 @@ def evaluate(eval_step, state, images, labels, rows, batch_size: int, mesh):
     mask[:n] = 1
     idx = parallel.put(mesh, idx.reshape(-1, steps, batch_size))
     mask = parallel.put(mesh, mask.reshape(steps, batch_size))
-    outs = [eval_step(state, images, labels, idx, mask, s) for s in range(steps)]  # dispatched, then read
+    outs = []
+    for s in range(steps):  # dispatched, then read (one at a time on a mesh of CPU devices)
+        outs.append(eval_step(state, images, labels, idx, mask, s))
+        if parallel.one_step_in_flight(mesh):
+            jax.block_until_ready(outs[-1])
     loss_sum = sum(parallel.fetch(l).astype(np.float64) for l, _, _ in outs)
     correct = sum(parallel.fetch(c).astype(np.float64) for _, c, _ in outs)
     preds = np.concatenate([parallel.fetch(p) for _, _, p in outs], axis=1)[:, :n]
