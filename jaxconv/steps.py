@@ -8,6 +8,7 @@ augments it inside ``jit`` and applies an Optax update; nothing crosses the host
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -111,7 +112,20 @@ def make_replica_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, i
     train = _over_replicas(single, (0, None, None, 0, None), replicas)
     evaluate_all = _over_replicas(evaluate_one, (0, None, None, 0, None, None), replicas)
     out = dict(out_shardings=parallel.replicated(mesh))
-    return compiler.jit(train, donate_argnums=0, **out), compiler.jit(evaluate_all, **out)
+    return (_one_at_a_time(compiler.jit(train, donate_argnums=0, **out), mesh),
+            _one_at_a_time(compiler.jit(evaluate_all, **out), mesh))
+
+
+def _one_at_a_time(step, mesh):
+    """``step`` itself, or, where :func:`jaxconv.parallel.one_step_in_flight` says so (a mesh of several CPU
+    devices), ``step`` waiting for its own result before it returns, so no program is dispatched ahead."""
+    if not parallel.one_step_in_flight(mesh):
+        return step
+
+    @functools.wraps(step)
+    def waited(*args):
+        return jax.block_until_ready(step(*args))
+    return waited
 
 
 def _over_replicas(fn, in_axes, replicas: int):
@@ -182,11 +196,7 @@ def evaluate(eval_step, state, images, labels, rows, batch_size: int, mesh):
     mask[:n] = 1
     idx = parallel.put(mesh, idx.reshape(-1, steps, batch_size))
     mask = parallel.put(mesh, mask.reshape(steps, batch_size))
-    outs = []
-    for s in range(steps):  # dispatched, then read (one at a time on a mesh of CPU devices)
-        outs.append(eval_step(state, images, labels, idx, mask, s))
-        if parallel.one_step_in_flight(mesh):
-            jax.block_until_ready(outs[-1])
+    outs = [eval_step(state, images, labels, idx, mask, s) for s in range(steps)]  # dispatched, then read
     loss_sum = sum(parallel.fetch(l).astype(np.float64) for l, _, _ in outs)
     correct = sum(parallel.fetch(c).astype(np.float64) for _, c, _ in outs)
     preds = np.concatenate([parallel.fetch(p) for _, _, p in outs], axis=1)[:, :n]

@@ -319,7 +319,6 @@ def _fit(config, resume, overwrite, dataset, log, signals, started):
         name = signal.Signals(signals.caught).name
         raise Stopped(f"stopped by {name} before the first training step of this process; continue with: "
                       f"jaxconv train --out {out} --resume", signals.caught)
-    serial = parallel.one_step_in_flight(mesh)
     for epoch in range(start // steps, config.epochs):
         first = start - epoch * steps if epoch == start // steps else 0
         if first == 0:
@@ -329,8 +328,6 @@ def _fit(config, resume, overwrite, dataset, log, signals, started):
         for i in range(first, steps):
             with _explain_out_of_memory("training", "--batch-size", batch):
                 state, loss = train_step(state, train_x, train_y, order, i)
-                if serial:
-                    jax.block_until_ready(loss)
             if not losses and epoch * steps + i == start:  # the time to first step, compilation included
                 jax.block_until_ready(loss)
                 progress.clear()
