@@ -47,13 +47,12 @@ def product_alone(steps):
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     x, w = jax.random.normal(k1, (128, 3136), jnp.bfloat16), jax.random.normal(k2, (3136, 512), jnp.bfloat16)
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
-    plain, acc, f32 = (jax.jit(lambda a, b: jnp.dot(a, b)), jax.jit(lambda a, b: F.matmul(a, b)),
-                       jax.jit(lambda a, b: jnp.dot(a, b)))
-    runs = {"f32": lambda: f32(x32, w32).block_until_ready(), "plain": lambda: plain(x, w).block_until_ready(),
+    dot, acc = jax.jit(jnp.dot), jax.jit(F.matmul)  # XLA's own dot in float32 and in bfloat16; jaxconv's
+    runs = {"f32": lambda: dot(x32, w32).block_until_ready(), "plain": lambda: dot(x, w).block_until_ready(),
             "acc": lambda: acc(x, w).block_until_ready()}
     for run in runs.values():
         run()
-    a, b = np.asarray(plain(x, w), np.float32), np.asarray(acc(x, w), np.float32)
+    a, b = np.asarray(dot(x, w), np.float32), np.asarray(acc(x, w), np.float32)
     print(f"product: plain and float32-accumulating bfloat16 differ by at most {np.abs(a - b).max():.3g} "
           f"(values up to {np.abs(a).max():.3g}; a bfloat16 step there is {2.0 ** (np.floor(np.log2(np.abs(a).max())) - 7):.3g})")
     t = medians(runs, steps=steps)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 class Converters:
-    def __init__(self, twin: str, module: str, framework: str):
-        self.twin, self.module, self.framework = twin, module, framework
+    def __init__(self, twin: str, framework: str):
+        self.twin, self.framework = twin, framework  # twin: the module name under jaxconv
         self._by_type = {}
 
     def register(self, layer_type):
@@ -21,4 +21,4 @@ class Converters:
                 return self._by_type[cls](layer, tuple(in_shape))
         name = type(layer).__name__
         raise TypeError(f"{self.twin}: no {self.framework} converter for {name}; register one with "
-                        f"@{self.module}.converts({name})")
+                        f"@jaxconv.{self.twin}.converts({name})")

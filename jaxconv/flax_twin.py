@@ -19,7 +19,7 @@ from jaxconv import functional as F
 from jaxconv import layers as L
 from jaxconv.converters import Converters
 
-_convert = Converters("flax_twin", "jaxconv.flax_twin", "Flax")
+_convert = Converters("flax_twin", "Flax")
 converts = _convert.register  # @converts(LayerType) registers convert(layer, in_shape) -> nnx.Module
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from jaxconv import layers as L
 from jaxconv.converters import Converters
 
-_convert = Converters("torch_twin", "jaxconv.torch_twin", "PyTorch")
+_convert = Converters("torch_twin", "PyTorch")
 # @converts(LayerType) registers convert(layer, in_shape) -> (torch module, [(jax path, torch key, to, back)])
 converts = _convert.register
 
