@@ -34,7 +34,7 @@ def build(model: str, replicas: int, strategy: str, data, mesh):
                       for _ in range(replicas)]).astype(np.int32)
     arrays = parallel.put(mesh, data.train.images), parallel.put(mesh, data.train.labels), parallel.put(mesh, order)
     start = time.perf_counter()
-    state, loss = train_step(state, *arrays, 0)
+    state, loss = train_step(state, *arrays, 0, 1)
     jax.block_until_ready(loss)
     return dict(step=train_step, state=state, arrays=arrays, steps=steps, compile_s=time.perf_counter() - start,
                 times=[])
@@ -44,7 +44,7 @@ def epoch(run):
     start = time.perf_counter()
     state = run["state"]
     for i in range(run["steps"]):
-        state, loss = run["step"](state, *run["arrays"], i)
+        state, loss = run["step"](state, *run["arrays"], i, 1)
     jax.block_until_ready(loss)
     run["state"] = state
     run["times"].append((time.perf_counter() - start) / run["steps"])

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --val-split: evaluate the test set every epoch too")
     train.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                        help="also checkpoint every STEPS training steps (default: at epoch ends only)")
+    train.add_argument("--steps-per-dispatch", type=int, metavar="N",
+                       help="run N training steps per compiled program (one lax.scan), so Python dispatches once "
+                            "per N steps; results are the same as N=1 (the default: on XLA:CPU a scanned loop "
+                            "ran slower, see benchmarks/scan_vs_step.py; on GPU/TPU measure it with that script). "
+                            "Checks for SIGINT/SIGTERM and --checkpoint-every happen between dispatches")
     train.add_argument("--devices", metavar="N|all",
                        help="split each global batch across N devices of every process (default: all of them); "
                             "--batch-size stays the global batch and must divide by the device count")

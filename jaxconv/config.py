@@ -36,6 +36,7 @@ class TrainConfig:
     val_split: float = 0.0                # share of the training set held out for per-epoch validation
     test_every_epoch: bool = False        # with a validation split: evaluate the test set every epoch too
     checkpoint_every: int = 0             # steps between mid-epoch checkpoints (0: at epoch ends only)
+    steps_per_dispatch: int = 1           # training steps per compiled program (a lax.scan when > 1)
     devices: str | int = "all"            # devices per process the global batch is split across: N or "all"
     seeds: int = 1                        # replicas trained together (seeds seed..seed+seeds-1), one program
 
@@ -101,7 +102,8 @@ DTYPES = ("float32", "bfloat16", "float64")  # float64 needs jax_enable_x64
 # Fields a resumed run may change: where things are, how long it runs, how it evaluates and checkpoints.
 # (More --epochs stretches a cosine or one-cycle schedule from the step where the run stopped.)
 # Checkpoints hold no device layout: a run may continue on another number of devices or processes.
-RESUMABLE = ("epochs", "out", "data_dir", "eval_batch_size", "checkpoint_every", "devices")
+# Steps per dispatch change how steps are grouped into programs, not what they compute.
+RESUMABLE = ("epochs", "out", "data_dir", "eval_batch_size", "checkpoint_every", "steps_per_dispatch", "devices")
 
 
 def flag(field: str) -> str:
@@ -137,6 +139,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
          f"--devices must be a count >= 1 or 'all', got {filled.devices!r}"),
         (filled.seeds >= 1, f"--seeds must be >= 1, got {filled.seeds}"),
         (filled.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 steps, got {filled.checkpoint_every}"),
+        (filled.steps_per_dispatch >= 1, f"--steps-per-dispatch must be >= 1, got {filled.steps_per_dispatch}"),
         (not filled.test_every_epoch or filled.val_split > 0,
          "--test-every-epoch adds the test set to the per-epoch validation; without --val-split the test set "
          "already is what every epoch evaluates"),

@@ -106,13 +106,24 @@ def make_replica_steps(graphdef_train, graphdef_eval, tx, config: TrainConfig, i
     dispatch per step for all): ``jax.vmap`` over the replicas, or, where :func:`jaxconv.compiler.replica_strategy`
     says so (XLA:CPU), one copy of the step per replica inside the one program; one replica is the single program.
 
+    The train step runs several steps per dispatch: ``train_steps(state, images, labels, order, i, n) ->
+    (state, losses)`` makes steps ``i .. i+n-1`` of ``order`` (``n`` static; one program per distinct ``n``), a
+    ``lax.scan`` over the one-step program when ``n > 1``, and returns their losses ``[n, replicas]``.
+
     ``order`` is ``[replicas, steps, batch]``; eval's ``idx`` is ``[replicas, steps, batch]``; every output
     gains the leading replica axis."""
     single, evaluate_one = _step_functions(graphdef_train, graphdef_eval, tx, config, info, mesh)
     train = _over_replicas(single, (0, None, None, 0, None), replicas)
     evaluate_all = _over_replicas(evaluate_one, (0, None, None, 0, None, None), replicas)
+
+    def train_steps(state, images, labels, order, i, n: int):
+        if n == 1:  # the one-step program itself, not a loop of one
+            state, loss = train(state, images, labels, order, i)
+            return state, loss[None]
+        return jax.lax.scan(lambda s, j: train(s, images, labels, order, j), state, i + jnp.arange(n))
+
     out = dict(out_shardings=parallel.replicated(mesh))
-    return (_one_at_a_time(compiler.jit(train, donate_argnums=0, **out), mesh),
+    return (_one_at_a_time(compiler.jit(train_steps, donate_argnums=0, static_argnums=5, **out), mesh),
             _one_at_a_time(compiler.jit(evaluate_all, **out), mesh))
 
 

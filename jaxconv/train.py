@@ -121,8 +121,21 @@ class _Progress:
             self.bar = None
 
 
+def _steps_to_dispatch(epoch_start: int, i: int, steps: int, per_dispatch: int, checkpoint_every: int) -> int:
+    """How many steps the next dispatch makes, from step ``i`` of an epoch of ``steps``: up to the next multiple of
+    ``per_dispatch`` within the epoch, and never past the epoch's end or the next ``checkpoint_every`` step. Other
+    lengths than ``per_dispatch`` come from an epoch's remainder and from checkpoints; each compiles once."""
+    end = min(steps, (i // per_dispatch + 1) * per_dispatch)
+    if checkpoint_every:
+        end = min(end, ((epoch_start + i) // checkpoint_every + 1) * checkpoint_every - epoch_start)
+    return end - i
+
+
 def _check_finite(losses, first_step: int, epoch: int, replicas, checkpoints):
-    values = np.stack([parallel.fetch(v) for v in losses]) if losses else np.zeros((0, len(replicas)))  # [steps, K]
+    """``TrainingDiverged`` if any of ``losses`` (arrays ``[steps, K]``, the first of them step ``first_step``)
+    is not finite."""
+    values = (np.concatenate([parallel.fetch(v) for v in losses]) if losses
+              else np.zeros((0, len(replicas))))  # [steps, K]
     bad_steps, bad_replicas = np.nonzero(~np.isfinite(values))
     if bad_steps.size:
         replica = replicas[int(bad_replicas[0])]
@@ -324,29 +337,32 @@ def _fit(config, resume, overwrite, dataset, log, signals, started):
         if first == 0:
             state = state.new_epoch()
         order = order_of(state.key, members, epoch)
-        t0, losses, checked = time.perf_counter(), [], 0
-        for i in range(first, steps):
+        t0, losses, checked = time.perf_counter(), [], epoch * steps + first  # checked: steps whose loss was seen
+        i = first
+        while i < steps:
+            n = _steps_to_dispatch(epoch * steps, i, steps, config.steps_per_dispatch, config.checkpoint_every)
             with _explain_out_of_memory("training", "--batch-size", batch):
-                state, loss = train_step(state, train_x, train_y, order, i)
+                state, loss = train_step(state, train_x, train_y, order, i, n)
             if not losses and epoch * steps + i == start:  # the time to first step, compilation included
                 jax.block_until_ready(loss)
                 progress.clear()
                 log(f"first step done {time.perf_counter() - started:.2f} s after fit() began "
                     f"(data, model, compilation)")
             losses.append(loss)
-            progress.update(epoch + 1, config.epochs, i + 1, steps)
-            at = epoch * steps + i + 1
-            if i + 1 < steps and (signals.caught or (config.checkpoint_every and at % config.checkpoint_every == 0)):
-                _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, replicas, checkpoints)
-                checked = len(losses)
+            i += n
+            progress.update(epoch + 1, config.epochs, i, steps)
+            at = epoch * steps + i
+            if i < steps and (signals.caught or (config.checkpoint_every and at % config.checkpoint_every == 0)):
+                _check_finite(losses, checked + 1, epoch, replicas, checkpoints)
+                losses, checked = [], at
                 checkpoints.save("latest", at, state)
                 if signals.caught:
                     progress.clear()
-                    raise _stopped(signals.caught, out, at, epoch, i + 1, steps)
+                    raise _stopped(signals.caught, out, at, epoch, i, steps)
         jax.block_until_ready(state)  # steps are dispatched ahead: the epoch's time is its last step's end
         train_time = time.perf_counter() - t0
         progress.clear()
-        _check_finite(losses[checked:], epoch * steps + first + checked + 1, epoch, replicas, checkpoints)
+        _check_finite(losses, checked + 1, epoch, replicas, checkpoints)
         at = (epoch + 1) * steps
         loss_sum, correct_sum = parallel.fetch(state.loss_sum), parallel.fetch(state.correct_sum)
         evaluated = {name: evaluate_on(arrays, state) for name, arrays in per_epoch.items()}

@@ -118,14 +118,20 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     data = subset(load_dataset("mnist1d"), 400, 100)
-    fit(TrainConfig(epochs=1, out=str(tmp_path)), dataset=data, log=quiet)  # one good epoch: 4 steps
-    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step \d+ \(epoch 2\); training stopped\. "
-                                               r"The last good checkpoint is step 4"):
-        corrupt = subset(data, 400, 100)
-        corrupt.train.images = corrupt.train.images.copy()
-        corrupt.train.images[17, 5, 0] = np.nan  # a corrupt sample: its batch's loss is NaN
-        fit(TrainConfig(epochs=3, out=str(tmp_path)), dataset=corrupt, log=quiet, resume=True)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+    corrupt = subset(data, 400, 100)
+    corrupt.train.images = corrupt.train.images.copy()
+    corrupt.train.images[17, 5, 0] = np.nan  # a corrupt sample: its batch's loss is NaN
+    messages = []
+    for per_dispatch in (1, 3):  # the same step named whether steps run one or three to a program
+        out = str(tmp_path / str(per_dispatch))
+        fit(TrainConfig(epochs=1, out=out), dataset=data, log=quiet)  # one good epoch: 4 steps
+        with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step \d+ \(epoch 2\); training "
+                                                   r"stopped\. The last good checkpoint is step 4") as caught:
+            fit(TrainConfig(epochs=3, steps_per_dispatch=per_dispatch, out=out), dataset=corrupt, log=quiet,
+                resume=True)
+        assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4"]
+        messages.append(str(caught.value).replace(out, "OUT"))
+    assert messages[0] == messages[1]
 
 
 @pytest.mark.x64
@@ -248,6 +254,7 @@ def test_resolve_rejects_settings_that_do_not_apply():
         (dict(val_split=1.0), r"--val-split must be in \[0, 1\), got 1.0"),
         (dict(test_every_epoch=True), "--test-every-epoch adds the test set to the per-epoch validation"),
         (dict(checkpoint_every=-2), "--checkpoint-every must be >= 0 steps, got -2"),
+        (dict(steps_per_dispatch=0), "--steps-per-dispatch must be >= 1, got 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             resolve(TrainConfig(**bad))
