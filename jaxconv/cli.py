@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also checkpoint every STEPS training steps (default: at epoch ends only)")
     train.add_argument("--steps-per-dispatch", type=int, metavar="N",
                        help="run N training steps per compiled program (one lax.scan), so Python dispatches once "
-                            "per N steps; results are the same as N=1 (the default: on XLA:CPU a scanned loop "
+                            "per N steps; results equal N=1 up to rounding (the default: on XLA:CPU a scanned loop "
                             "ran slower, see benchmarks/scan_vs_step.py; on GPU/TPU measure it with that script). "
                             "Checks for SIGINT/SIGTERM and --checkpoint-every happen between dispatches")
     train.add_argument("--devices", metavar="N|all",
