@@ -220,7 +220,8 @@ def load_cifar10_raw(path: str) -> tuple[Split, Split]:
                 return tuple(_concat([_cifar_batch(read(n), f"{path}:{n}") for n in _CIFAR_NAMES[s]])
                              for s in ("train", "test"))
         except (tarfile.TarError, OSError, EOFError) as err:
-            raise DataError(f"cannot read {path}: {err} (a corrupt or truncated archive?)")
+            reason = " ".join(str(err).split())  # tarfile's reasons span lines; the message is one
+            raise DataError(f"cannot read {path}: {reason} (a corrupt or truncated archive?)")
     if os.path.basename(path.rstrip("/")) == "cifar-10-batches-bin":
         out = []
         for split, names in (("train", [f"data_batch_{i}.bin" for i in range(1, 6)]), ("test", ["test_batch.bin"])):

@@ -11,7 +11,15 @@ os.environ.setdefault("JAXCONV_COMPILATION_CACHE", "0")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+def _shared_data() -> str:
+    """``../shared/data`` beside the checkout; found from a copy of the tests one level deeper too (mutmut
+    runs them from ``mutants/tests``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(here, *[".."] * up, "shared", "data") for up in (2, 3)]
+    return os.path.normpath(next((c for c in candidates if os.path.isdir(c)), candidates[0]))
+
+
+SHARED_DATA = _shared_data()
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -8,7 +8,7 @@ import pytest
 
 import jaxconv
 from jaxconv.cli import main
-from jaxconv.data import Split, load_dataset, split_validation
+from jaxconv.data import load_dataset
 from jaxconv.train import TrainConfig, fit
 from tests.test_data import MNIST_DIR, needs_mnist
 from tests.test_train import quiet, subset
@@ -96,21 +96,6 @@ def test_predict_classifies_png_files(mnist_run, tmp_path, capsys):
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "small.png")
     assert main(["predict", "--out", out, str(tmp_path / "small.png")]) == 2
     assert "small.png is 20x20 pixels; the model takes 28x28 (resize it first)" in capsys.readouterr().err
-
-
-def test_validation_split_is_disjoint_seeded_and_complete():
-    images = np.arange(100)[:, None, None] * np.ones((1, 4, 1))
-    train, val = split_validation(Split(images, np.arange(100)), 0.2, seed=3)
-    assert len(val) == 20 and len(train) == 80
-    assert sorted(np.concatenate([train.labels, val.labels]).tolist()) == list(range(100))
-    np.testing.assert_array_equal(val.images[:, 0, 0], val.labels)  # images stay with their labels
-    assert np.all(np.diff(train.labels) > 0)  # the original order is kept
-    again = split_validation(Split(images, np.arange(100)), 0.2, seed=3)[1]
-    other = split_validation(Split(images, np.arange(100)), 0.2, seed=4)[1]
-    np.testing.assert_array_equal(again.labels, val.labels)
-    assert set(other.labels) != set(val.labels)
-    with pytest.raises(ValueError, match="--val-split 0.001 of 100 training examples leaves 0 for validation"):
-        split_validation(Split(images, np.arange(100)), 0.001, seed=0)
 
 
 def test_records_with_validation_keep_one_shape_and_the_test_set_for_the_end(tmp_path):

@@ -5,20 +5,17 @@ Simulated devices need ``JAX_NUM_CPU_DEVICES`` before JAX starts, so those runs 
 own; every process is bounded by a timeout."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from jaxconv import parallel
 from jaxconv.data import load_dataset
-from jaxconv.inference import load
-from jaxconv.train import TIMING_FIELDS, Stopped, TrainConfig, fit
-from tests.test_train import quiet, subset
+from jaxconv.train import TrainConfig, fit
+from tests.test_train import subset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Under pytest-xdist, the tests that start processes of their own run one after another in one worker.

@@ -175,9 +175,6 @@ def test_per_pixel_training_and_its_accuracy_over_a_padded_last_batch(tmp_path):
     """unet_small on mnist_seg (each pixel: background or 1 + its digit). The reported test accuracy must
     be the share of correct pixels, counted here from the saved model's predictions with NumPy, over
     an evaluation whose last batch is padded (130 test images in batches of 50)."""
-    import jax
-    from flax import nnx
-    from jaxconv.data import segment_digits
     import jaxconv
     data = subset(load_dataset("mnist_seg", data_dir=MNIST_DIR), 512, 130)
     np.testing.assert_array_equal(data.train.labels[0] > 0, data.train.images[0, ..., 0] >= 128)
