@@ -80,17 +80,26 @@ def outcome(out: str):
     return metrics, results, matrix, arrays
 
 
-def differences(a, b) -> list[str]:
-    """What differs between two :func:`outcome` s (empty when the runs are identical)."""
-    diffs = []
-    for name, x, y in zip(("metrics", "results", "confusion matrix"), a[:3], b[:3]):
-        if x != y:
-            diffs.append(name)
+def differences(a, b, rtol: float = 0.0) -> list[str]:
+    """What differs between two :func:`outcome` s (empty when the runs are identical). With ``rtol``, floats
+    and arrays may differ by that share of the larger value (of each array's largest value)."""
+    def near(x, y):
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(near(x[k], y[k]) for k in x)
+        if isinstance(x, list):
+            return isinstance(y, list) and len(x) == len(y) and all(map(near, x, y))
+        if isinstance(x, float) and isinstance(y, float):
+            return x == y or abs(x - y) <= rtol * max(abs(x), abs(y))
+        return x == y
+
+    def same(x, y):
+        return x.shape == y.shape and (np.array_equal(x, y) or bool(
+            rtol and np.allclose(x, y, rtol=0, atol=rtol * np.max(np.abs(x), initial=0))))
+
+    diffs = [name for name, x, y in zip(("metrics", "results", "confusion matrix"), a[:3], b[:3]) if not near(x, y)]
     if set(a[3]) != set(b[3]):
-        diffs.append(f"checkpoint names: {sorted(set(a[3]) ^ set(b[3]))[:4]}")
-    else:
-        diffs += [name for name in a[3] if not np.array_equal(a[3][name], b[3][name])]
-    return diffs
+        return diffs + [f"checkpoint names: {sorted(set(a[3]) ^ set(b[3]))[:4]}"]
+    return diffs + [name for name in a[3] if not same(a[3][name], b[3][name])]
 
 
 def timed(fn, *args, **kwargs):

@@ -5,7 +5,6 @@ import signal
 import time
 
 import jax
-import numpy as np
 import pytest
 
 from jaxconv import checkpoints as ckpt
@@ -111,25 +110,6 @@ def test_checkpoints_are_named_by_path_and_refuse_another_model_by_name(tmp_path
                            jax.tree_util.GetAttrKey("value"))) == "params/0"
 
 
-
-def close(a, b, rtol=1e-12) -> list[str]:
-    """What differs between two :func:`outcome` s beyond float64 rounding (``rtol`` of each array's largest
-    value; metrics and results likewise)."""
-    def near(x, y):
-        if isinstance(x, dict):
-            return x.keys() == y.keys() and all(near(x[k], y[k]) for k in x)
-        if isinstance(x, list):
-            return len(x) == len(y) and all(map(near, x, y))
-        if isinstance(x, float):
-            return abs(x - y) <= rtol * max(abs(x), abs(y), 1e-300)
-        return x == y
-    diffs = [name for name, x, y in zip(("metrics", "results", "confusion matrix"), a[:3], b[:3]) if not near(x, y)]
-    if set(a[3]) != set(b[3]):
-        return diffs + ["checkpoint names"]
-    return diffs + [name for name in a[3] if not np.allclose(a[3][name], b[3][name], rtol=0,
-                                                             atol=rtol * np.max(np.abs(a[3][name]), initial=0))]
-
-
 @pytest.mark.x64
 def test_steps_per_dispatch_and_a_resume_that_changes_it_give_the_one_step_result(tmp_path):
     """Three steps per program (cut at epoch ends and at every 5th step's checkpoint, so programs of 1, 2 and 3
@@ -142,7 +122,7 @@ def test_steps_per_dispatch_and_a_resume_that_changes_it_give_the_one_step_resul
     fit(TrainConfig(**config, out=str(tmp_path / "one")), dataset=data, log=quiet)
     fit(TrainConfig(**config, steps_per_dispatch=3, out=str(tmp_path / "three")), dataset=data, log=quiet)
     one = outcome(str(tmp_path / "one"))
-    assert close(one, outcome(str(tmp_path / "three"))) == []
+    assert differences(one, outcome(str(tmp_path / "three")), rtol=1e-12) == []
 
     def kill_after_first_epoch(line):
         if line.startswith("epoch   1/2"):
@@ -152,4 +132,4 @@ def test_steps_per_dispatch_and_a_resume_that_changes_it_give_the_one_step_resul
             log=kill_after_first_epoch)
     fit(TrainConfig(**config, steps_per_dispatch=4, out=str(tmp_path / "resumed")), dataset=data, log=quiet,
         resume=True)
-    assert close(one, outcome(str(tmp_path / "resumed"))) == []
+    assert differences(one, outcome(str(tmp_path / "resumed")), rtol=1e-12) == []
