@@ -76,7 +76,7 @@ def test_each_optimizer_makes_its_textbook_updates(name, wd):
     p0 = rng.normal(size=7).astype(np.float32)
     grads = [rng.normal(size=7).astype(np.float32) for _ in range(3)]
     tx = make_optimizer(config(optimizer=name, lr=0.05, schedule="constant", weight_decay=wd), 10)
-    p, state, ours = jnp.asarray(p0), None, []
+    p, ours = jnp.asarray(p0), []
     state = tx.init(p)
     for g in grads:
         updates, state = tx.update(jnp.asarray(g), state, p)
@@ -156,8 +156,7 @@ def test_random_crop_of_one_dimensional_signals_draws_every_shift_alike():
 
 
 def test_evaluation_over_a_padded_last_batch_equals_numpy_on_each_replicas_rows():
-    """Two seeds, each with its own rows (different counts of examples would be an error; here 23 each), in
-    batches of 10 (the last one padded with 7 masked rows): loss, accuracy and predictions from the model's
+    """Two seeds, each with its own 23 rows, in batches of 10 (the last one padded with 7 masked rows): loss, accuracy and predictions from the model's
     own logits computed directly."""
     c = config(model="mnist1d_mlp", seeds=2)
     info = DATASETS["mnist1d"]
