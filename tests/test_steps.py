@@ -156,8 +156,8 @@ def test_random_crop_of_one_dimensional_signals_draws_every_shift_alike():
 
 
 def test_evaluation_over_a_padded_last_batch_equals_numpy_on_each_replicas_rows():
-    """Two seeds, each with its own 23 rows, in batches of 10 (the last one padded with 7 masked rows): loss, accuracy and predictions from the model's
-    own logits computed directly."""
+    """Two seeds, each with its own 23 rows, in batches of 10 (the last one padded with 7 masked rows): loss,
+    accuracy and predictions from the model's own logits computed directly."""
     c = config(model="mnist1d_mlp", seeds=2)
     info = DATASETS["mnist1d"]
     mesh = parallel.make_mesh("all", batch=10)
