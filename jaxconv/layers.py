@@ -333,10 +333,13 @@ class ConvTranspose(Conv):
                 for k, d, s in zip(self.kernel_size, self.dilation, self.stride)]
 
     def flops(self, in_shape):
-        # every input element meets every kernel tap once: 2 * W * prod(K) * C_out/G MACs, plus the bias
-        c_out = self.kernel.shape[-1] * self.groups
-        macs = math.prod(in_shape) * math.prod(self.kernel_size) * self.kernel.shape[-1]
-        return 2 * macs + (self.bias is not None) * math.prod(self.output_shape(in_shape)[:-1]) * c_out
+        """``2 * taps * C_in * C_out/G`` plus one per output for the bias, where ``taps`` counts the
+        (input, kernel tap) pairs whose output lands inside the output, not in what ``padding`` crops:
+        the mirror of :meth:`Conv.flops` (input and output swap roles), as XLA counts them."""
+        out, pads = self.output_shape(in_shape), self.resolved_padding(in_shape)
+        taps = math.prod(F.valid_taps(o, k, s, d, lo, w) for w, k, s, d, (lo, _), o in zip(
+            in_shape[:-1], self.kernel_size, self.stride, self.dilation, pads, out[:-1]))
+        return 2 * taps * math.prod(self.kernel.shape[-2:]) + (self.bias is not None) * math.prod(out)
 
 
 class Dense(Layer):
