@@ -433,10 +433,11 @@ def _log_epoch(log, config, replicas, per_epoch, rate, wall):
         return f"{np.mean(values):.4f}" + (f"±{np.std(values):.4f}" if len(values) > 1 else "")
 
     record = replicas[0].history[-1]
-    log(f"epoch {record['epoch']:3d}/{config.epochs}  train loss {mean('train_loss')} acc {mean('train_accuracy')}  "
-        + "  ".join(f"{n} loss {mean(n + '_loss')} acc {mean(n + '_accuracy')}" for n in per_epoch)
-        + f"  {rate:,.0f} img/s" + (f" x {len(replicas)} seeds" if len(replicas) > 1 else "")
-        + f" ({rate / record['devices']:,.0f}/device)  {wall:.1f}s")
+    log("  ".join([f"epoch {record['epoch']:3d}/{config.epochs}",
+                   f"train loss {mean('train_loss')} acc {mean('train_accuracy')}",
+                   *(f"{n} loss {mean(n + '_loss')} acc {mean(n + '_accuracy')}" for n in per_epoch),
+                   f"{rate:,.0f} img/s" + (f" x {len(replicas)} seeds" if len(replicas) > 1 else "")
+                   + f" ({rate / record['devices']:,.0f}/device)", f"{wall:.1f}s"]))
 
 
 def _stopped(signum, out, at, epoch, i, steps) -> Stopped:

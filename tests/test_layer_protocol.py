@@ -428,3 +428,21 @@ def test_bad_shapes_and_options_are_named(call, message):
     with pytest.raises((ValueError, TypeError)) as err:
         call()
     assert str(err.value).startswith(message), str(err.value)
+
+
+def test_a_leaf_that_declares_nothing_says_what_it_lacks():
+    class Bare(L.Layer):
+        pass
+
+    bare, x = Bare(), jnp.ones((1, 4, 2))
+    for call, message in ((lambda: bare(x), "Bare must declare `spec(x)` (its op, params and options) or implement "
+                                            "`__call__` and `forward_and_backward` as a composite"),
+                          (lambda: bare.forward_and_backward(x), "Bare must declare `spec(x)`"),
+                          (lambda: bare.output_shape((4, 2)), "Bare does not implement `output_shape(in_shape)`"),
+                          (lambda: bare.window((4, 2)), "Bare does not implement `window(in_shape)` (needed for its "
+                                                        "receptive field)"),
+                          (lambda: bare.receptive_field((4, 2), ((1, 1),)), "Bare does not implement `window"),
+                          (lambda: bare.flops((4, 2)), "Bare does not implement `flops(in_shape)`")):
+        with pytest.raises(NotImplementedError) as err:
+            call()
+        assert str(err.value).startswith(message)
