@@ -11,6 +11,7 @@ references that do not use the layer's own arithmetic:
 Small shapes, no model training: these are the tests mutation testing runs against ``layers.py``.
 """
 from fractions import Fraction
+import itertools
 import math
 
 import jax
@@ -59,12 +60,15 @@ def _leaves():
 
 
 def _composites():
-    r = nnx.Rngs(0)
-    conv = lambda c_in, c_out, k, **kw: L.Conv2d(c_in, c_out, k, rngs=r, **F64, **kw)
+    # Rngs made when a case is built, not at collection: JAX starts no threads in a process that only collects
+    # (mutmut forks its workers from one)
+    seeds = itertools.count()
+    r = lambda: nnx.Rngs(next(seeds))
+    conv = lambda c_in, c_out, k, **kw: L.Conv2d(c_in, c_out, k, rngs=r(), **F64, **kw)
     return [
         ("sequential_nested", lambda: L.Sequential([conv(2, 3, 3, padding=1), L.ReLU(),
                                                      L.Sequential([conv(3, 3, 3), L.BatchNorm(3, **F64)]),
-                                                     L.GlobalAvgPool(), L.Dense(3, 2, rngs=r, **F64)]), (6, 6, 2)),
+                                                     L.GlobalAvgPool(), L.Dense(3, 2, rngs=r(), **F64)]), (6, 6, 2)),
         ("residual_identity", lambda: L.Residual(L.Sequential([conv(3, 3, 3, padding=1), conv(3, 3, 3, padding=1)])),
          (5, 5, 3)),
         ("residual_projection", lambda: L.Residual(conv(2, 4, 3, stride=2, padding=1), conv(2, 4, 1, stride=2)),
@@ -284,8 +288,9 @@ def _measured_field(layer, in_shape, by="nan"):
 
 
 def _fields():
-    r = nnx.Rngs(0)
-    c1 = lambda k, **kw: L.Conv1d(1, 1, k, rngs=r, **kw)
+    seeds = itertools.count()
+    r = lambda: nnx.Rngs(next(seeds))
+    c1 = lambda k, **kw: L.Conv1d(1, 1, k, rngs=r(), **kw)
     return [
         ("conv", lambda: c1(3), (20, 1)),
         ("conv_strided_dilated_pool_conv", lambda: L.Sequential([c1(3, stride=2, dilation=2), L.MaxPool1d(2),
@@ -297,19 +302,19 @@ def _fields():
         ("upsample_bilinear", lambda: L.Upsample(3, method="bilinear"), (8, 1)),
         # 2 + 2 * 1/3 = 8/3 input pixels: read as 3, the fractional size rounded up as summary shows it
         ("upsample_bilinear_conv", lambda: L.Sequential([L.Upsample(3, method="bilinear"), c1(3)]), (12, 1)),
-        ("conv_transpose", lambda: L.ConvTranspose1d(1, 1, 3, stride=2, rngs=r), (12, 1)),
-        ("conv_transpose_padded_conv", lambda: L.Sequential([L.ConvTranspose1d(1, 1, 4, stride=2, padding=1, rngs=r),
+        ("conv_transpose", lambda: L.ConvTranspose1d(1, 1, 3, stride=2, rngs=r()), (12, 1)),
+        ("conv_transpose_padded_conv", lambda: L.Sequential([L.ConvTranspose1d(1, 1, 4, stride=2, padding=1, rngs=r()),
                                                              c1(3, stride=2)]), (14, 1)),
-        ("conv_transpose_dilated", lambda: L.ConvTranspose1d(1, 1, 3, stride=2, dilation=2, rngs=r), (12, 1)),
+        ("conv_transpose_dilated", lambda: L.ConvTranspose1d(1, 1, 3, stride=2, dilation=2, rngs=r()), (12, 1)),
         ("residual_two_convs", lambda: L.Residual(L.Sequential([c1(3, padding=1), L.ReLU(), c1(3, padding=1)])),
          (20, 1)),
         ("residual_strided_projection", lambda: L.Residual(c1(3, stride=2, padding=1), c1(1, stride=2)), (20, 1)),
         ("residual_wide_shortcut", lambda: L.Residual(L.Identity(), c1(7, padding=3)), (20, 1)),
         ("concat", lambda: L.Concat(L.Identity(), c1(5, padding=2), L.MaxPool1d(3, stride=1, padding=1)), (20, 1)),
-        ("conv2d_per_axis", lambda: L.Sequential([L.Conv2d(1, 1, (3, 5), stride=(1, 2), rngs=r), L.MaxPool((2, 1))]),
+        ("conv2d_per_axis", lambda: L.Sequential([L.Conv2d(1, 1, (3, 5), stride=(1, 2), rngs=r()), L.MaxPool((2, 1))]),
          (14, 19, 1)),
         ("global", lambda: L.Sequential([c1(3), L.GlobalAvgPool()]), (10, 1)),
-        ("global_then_dense", lambda: L.Sequential([c1(3), L.Flatten(), L.Dense(8, 2, rngs=r)]), (10, 1)),
+        ("global_then_dense", lambda: L.Sequential([c1(3), L.Flatten(), L.Dense(8, 2, rngs=r())]), (10, 1)),
     ]
 
 
