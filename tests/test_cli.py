@@ -160,7 +160,7 @@ def test_bare_jaxconv_lists_its_commands_and_train_help_shows_the_recipes(capsys
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "  mnist1d: dataset=mnist1d, model=mnist1d_cnn, epochs=120, batch_size=100, optimizer=adam, lr=0.01" in out
-    assert ("  cifar10_resnet20: dataset=cifar10, model=resnet20, epochs=40, batch_size=128, optimizer=nesterov, "
+    assert ("  cifar10_resnet20: dataset=cifar10, model=resnet20, epochs=60, batch_size=128, optimizer=nesterov, "
             "lr=0.1, schedule=onecycle, warmup_epochs=0, weight_decay=0.0005") in out
 
 

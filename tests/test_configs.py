@@ -32,7 +32,7 @@ def test_dataset_and_model_flags_find_their_recipe():
     # He et al.'s optimiser for resnet20 on CIFAR-10 (configs/cifar10_resnet20.py), written out here
     r20 = resolve(TrainConfig(dataset="cifar10", model="resnet20"))
     assert (r20.optimizer, r20.lr, r20.weight_decay, r20.batch_size, r20.crop, r20.flip, r20.epochs,
-            r20.label_smoothing) == ("nesterov", 0.1, 5e-4, 128, 4, True, 40, 0.1)
+            r20.label_smoothing) == ("nesterov", 0.1, 5e-4, 128, 4, True, 60, 0.1)
     # the dataset's own file for its default model, and for a model with no file of its own
     assert resolve(TrainConfig(dataset="cifar10")).model == "convnetjs_cifar"
     vgg = resolve(TrainConfig(dataset="cifar10", model="cifar_vgg"))
@@ -100,7 +100,7 @@ MEASURED = {
     "mnist": (("mnist_cnn", 12, 64, "adam", 2e-3, "onecycle", 0, 0.0, 0.1, 2, False), "99.10 %"),
     "fashion_mnist": (("seed_cnn", 15, 128, "adam", 2e-3, "onecycle", 0, 0.0, 0.1, 0, True), "93.15 %"),
     "cifar10": (("convnetjs_cifar", 70, 128, "adam", 4e-3, "onecycle", 0, 0.0, 0.0, 2, True), "75.64 %"),
-    "cifar10_resnet20": (("resnet20", 40, 128, "nesterov", 0.1, "onecycle", 0, 5e-4, 0.1, 4, True), "87.96 %"),
+    "cifar10_resnet20": (("resnet20", 60, 128, "nesterov", 0.1, "onecycle", 0, 5e-4, 0.1, 4, True), "88.66 %"),
     "mnist_seg": (("unet_small", 4, 64, "adam", 3e-3, "onecycle", 0, 0.0, 0.0, 0, False), "91.41 %"),
 }
 

@@ -350,7 +350,9 @@ def test_children_and_shapes_walk_the_tree_with_each_childs_input():
     assert model.shapes() == [(6, 6, 2), (6, 6, 2), (6, 6, 4), (3, 3, 4)]
     assert model.shapes((10, 10, 1))[-1] == (4, 4, 4)
     assert [c[0] for c in model.layers[1].children((6, 6, 2))] == ["body", "shortcut"]
-    assert [c[2] for c in model.layers[2].children((6, 6, 2), None)] == [(6, 6, 2), (6, 6, 2)]
+    assert [c[::2] for c in model.layers[2].children((6, 6, 2), None)] == [("0", (6, 6, 2)), ("1", (6, 6, 2))]
+    # a transposed conv's window, exactly: an output reads at most ceil(5 / 2) = 3 inputs, half an input apart
+    assert L.ConvTranspose1d(1, 1, 3, dilation=2, stride=2, rngs=r).window((5, 1)) == [(3, Fraction(1, 2))]
     assert L.ReLU().children((3, 1)) == []
 
 
@@ -382,6 +384,9 @@ def test_batch_norm_statistics_and_running_average_against_numpy(rng):
     np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-3) * [1, 2, 3] + [0.5, 0, -0.5], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(bn.mean[...], 0.2 * mean, rtol=1e-5)
     np.testing.assert_allclose(bn.var[...], 0.8 * 1.0 + 0.2 * var, rtol=1e-5)
+    bn(jnp.asarray(2 * x, jnp.float32))  # a second update starts from the first one's statistics
+    np.testing.assert_allclose(bn.mean[...], 0.8 * 0.2 * mean + 0.2 * 2 * mean, rtol=1e-5)
+    np.testing.assert_allclose(bn.var[...], 0.8 * (0.8 + 0.2 * var) + 0.2 * 4 * var, rtol=1e-5)
     bn.use_running_average = True
     run_mean, run_var = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
     np.testing.assert_allclose(bn(jnp.asarray(x, jnp.float32)),
