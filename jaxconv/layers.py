@@ -282,13 +282,17 @@ class Conv(Layer):
         return [(F.effective_kernel(k, d), s) for k, d, s in zip(self.kernel_size, self.dilation, self.stride)]
 
     def flops(self, in_shape):
-        """``2 * taps * C_in/G * C_out`` plus one per output for the bias, where ``taps`` counts the
-        (output, kernel tap) pairs that land on the input, not on its padding: the multiply-adds done,
-        as XLA counts them (``out * K`` per axis without padding)."""
-        out, pads = self.output_shape(in_shape), self._pads(in_shape)
-        taps = math.prod(F.valid_taps(w, k, s, d, lo, o) for w, k, s, d, (lo, _), o in zip(
-            in_shape[:-1], self.kernel_size, self.stride, self.dilation, pads, out[:-1]))
-        return 2 * taps * math.prod(self.kernel.shape[-2:]) + (self.bias is not None) * math.prod(out)
+        """``2 * taps * (the kernel's two channel axes)`` plus one per output for the bias: the
+        multiply-adds done, as XLA counts them."""
+        out = self.output_shape(in_shape)
+        bias = (self.bias is not None) * math.prod(out)
+        return 2 * self._taps(in_shape, out) * math.prod(self.kernel.shape[-2:]) + bias
+
+    def _taps(self, in_shape, out):
+        """The (output, kernel tap) pairs that land on the input, not on its padding (``out * K`` per
+        axis without padding)."""
+        return math.prod(F.valid_taps(w, k, s, d, lo, o) for w, k, s, d, (lo, _), o in zip(
+            in_shape[:-1], self.kernel_size, self.stride, self.dilation, self._pads(in_shape), out[:-1]))
 
 
 class ConvTranspose(Conv):
@@ -332,14 +336,11 @@ class ConvTranspose(Conv):
         return [(-(-F.effective_kernel(k, d) // s), Fraction(1, s))
                 for k, d, s in zip(self.kernel_size, self.dilation, self.stride)]
 
-    def flops(self, in_shape):
-        """``2 * taps * C_in * C_out/G`` plus one per output for the bias, where ``taps`` counts the
-        (input, kernel tap) pairs whose output lands inside the output, not in what ``padding`` crops:
-        the mirror of :meth:`Conv.flops` (input and output swap roles), as XLA counts them."""
-        out, pads = self.output_shape(in_shape), self.resolved_padding(in_shape)
-        taps = math.prod(F.valid_taps(o, k, s, d, lo, w) for w, k, s, d, (lo, _), o in zip(
-            in_shape[:-1], self.kernel_size, self.stride, self.dilation, pads, out[:-1]))
-        return 2 * taps * math.prod(self.kernel.shape[-2:]) + (self.bias is not None) * math.prod(out)
+    def _taps(self, in_shape, out):
+        """The (input, kernel tap) pairs whose output lands inside the output, not in what ``padding``
+        crops: :meth:`Conv._taps` with input and output in swapped roles."""
+        return math.prod(F.valid_taps(o, k, s, d, lo, w) for w, k, s, d, (lo, _), o in zip(
+            in_shape[:-1], self.kernel_size, self.stride, self.dilation, self.resolved_padding(in_shape), out[:-1]))
 
 
 class Dense(Layer):

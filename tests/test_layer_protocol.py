@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 from jaxconv import layers as L
+from jaxconv.backprop import _flatten
 
 F64 = dict(param_dtype=jnp.float64)
 
@@ -82,15 +83,6 @@ CASES = _leaves() + _composites()
 IDS = [c[0] for c in CASES]
 
 
-def _flat(tree, prefix=()):
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flat(value, prefix + (key,)))
-        return out
-    return {prefix: tree}
-
-
 def _reference(layer, x, g):
     """``y``, ``dx`` and the parameter cotangents by path, from ``jax.vjp`` of the layer's ``__call__``
     on a copy (so batch statistics and dropout keys stay as they were)."""
@@ -112,7 +104,7 @@ def test_forward_and_backward_equals_jax_vjp_and_output_shape_is_the_real_one(na
     assert y.shape == (3, *layer.output_shape(shape))
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-10)
-    grads = _flat(grads)
+    grads = dict(_flatten(grads))  # by path, as manual_value_and_grad reads them
     assert sorted(grads, key=str) == sorted(grads_ref, key=str)
     for path, want in grads_ref.items():
         np.testing.assert_allclose(grads[path], want, rtol=1e-10, atol=1e-10, err_msg=str(path))

@@ -84,7 +84,7 @@ def test_resume_metrics_cuts_to_the_checkpoint_and_refuses_another_epoch_length(
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(h) + "\n" for h in _history(3, 10, val=[0.5, 0.7, 0.6]))
     replica = SimpleNamespace(out=out, validation_rows=np.arange(4), history=None, best_accuracy=-1.0)
-    T._resume_metrics([replica], 25, 10, out)  # killed mid-epoch 3 after its record? cut to the 2 epochs done
+    T._resume_metrics([replica], 25, 10, out)  # a checkpoint mid-epoch 3: epoch 3's record is dropped
     assert [h["epoch"] for h in replica.history] == [1, 2] and replica.best_accuracy == 0.7
     T._resume_metrics([replica], 30, 10, out)
     assert len(replica.history) == 3 and replica.best_accuracy == 0.7
