@@ -11,6 +11,7 @@ os.environ.setdefault("JAXCONV_COMPILATION_CACHE", "0")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+
 def _shared_data() -> str:
     """``../shared/data`` beside the checkout; found from a copy of the tests one level deeper too (mutmut
     runs them from ``mutants/tests``)."""
@@ -20,6 +21,13 @@ def _shared_data() -> str:
 
 
 SHARED_DATA = _shared_data()
+
+
+def shared_by_the_module(fixture_name, config) -> str:
+    """The scope of a fixture that runs jaxconv code once for a module's tests: ``"module"``, but ``"function"``
+    while mutmut records which tests reach which function (its "stats" pass): a module-scoped fixture would
+    credit its code to the first test alone, and mutmut would not run the others against its mutants."""
+    return "function" if os.environ.get("MUTANT_UNDER_TEST") == "stats" else "module"
 
 
 def pytest_xdist_auto_num_workers(config):
