@@ -4,13 +4,36 @@ for that test alone."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-# The jaxconv command keeps compiled steps in ~/.cache/jaxconv/xla; tests compile afresh (tests/test_compiler.py
-# checks the cache itself in a folder of its own).
+# The jaxconv command keeps compiled steps in ~/.cache/jaxconv/xla; the commands tests start compile afresh
+# (tests/test_compiler.py checks that cache in a folder of its own; in-process tests share theirs, see below).
 os.environ.setdefault("JAXCONV_COMPILATION_CACHE", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+
+def _share_compiled_programs() -> None:
+    """Most of the tests' time is XLA compiling the same small training programs again, test after test: the
+    tests of one session share them through JAX's persistent compilation cache, in a folder of the session's own
+    (made by the pytest process that starts the session, which hands it to xdist's workers through the
+    environment, and removed when it ends). In-process only: the processes tests start (``jaxconv train``) compile
+    afresh, as JAXCONV_COMPILATION_CACHE=0 above says; some are killed mid-write on purpose.
+    ``JAXCONV_TEST_XLA_CACHE=0`` turns the sharing off."""
+    import atexit
+    import shutil
+    import tempfile
+    folder = os.environ.get("JAXCONV_TEST_XLA_CACHE")
+    if folder is None:
+        folder = os.environ["JAXCONV_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="jaxconv-tests-xla-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    if folder.strip().lower() in ("0", "false", "no", "off"):
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program: most compile in < 1 s
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+_share_compiled_programs()
 
 def _shared_data() -> str:
     """``../shared/data`` beside the checkout; found from a copy of the tests one level deeper too (mutmut
