@@ -7,15 +7,24 @@ own step.
 
 Conventions, said once:
 
-* FLOPs count a multiply-add as 2, in both columns: ``flops_xla`` is XLA's ``cost_analysis()`` of the
-  compiled step (forward, backward and optimizer update as compiled); ``flops_model`` is jaxconv's own
-  per-layer count (:func:`jaxconv.shapes.summary`) times the batch - the forward pass for inference, and
-  3x the forward pass for training (the backward pass computes a gradient for the input and for the
-  weights, each about one forward's work), the convention of Kaplan et al. (2020) and of most MFU reports.
+* FLOPs count a multiply-add as 2, in both columns: ``flops_xla`` is XLA's cost analysis of the step's
+  program as traced (``jit(...).lower(...).cost_analysis()``: forward, backward and optimizer update, before
+  the backend's passes; where the backend gives no analysis of a lowered program, as GPUs' don't, the same
+  step lowered for a CPU device); ``flops_model`` is jaxconv's own per-layer count
+  (:func:`jaxconv.shapes.summary`) times the batch - the forward pass for inference, and 3x the forward pass
+  for training (the backward pass computes a gradient for the input and for the weights, each about one
+  forward's work), the convention of Kaplan et al. (2020) and of most MFU reports. ``flops_xla_compiled`` is
+  the compiled program's analysis: on a GPU it leaves out the convolutions, which the compiler hands to cuDNN
+  as library calls (seen on an H200: 2.3 of cifar_resnet18's 371 training GFLOPs), so it is kept as a field
+  but not compared.
 * MFU = achieved FLOP/s / the device's peak FLOP/s, achieved = ``flops_model`` / step time (the model's
   necessary work, not what XLA happened to compile). Peaks come from :data:`PEAK_FLOPS` (vendor figures,
-  dense, per device); on a CPU, or a device the table lacks, from a float32 matmul timed once in this
-  process (``peak_source`` says which).
+  dense, per device) for the unit that does float32 work at JAX's matmul precision in force: by default JAX
+  computes float32 convolutions and matmuls with TF32 tensor cores on NVIDIA GPUs since Ampere and with one
+  bfloat16 pass on TPUs, so a float32 step is measured against that unit's peak; with
+  ``jax_default_matmul_precision`` "highest" or "float32", against the plain float32 peak. On a CPU, or a
+  device the table lacks, the peak is a matmul of the same dtype timed once in this process (``peak_source``
+  says which).
 * Memory: the device's ``memory_stats()['peak_bytes_in_use']`` where the backend has it; on a CPU, the
   process's peak resident memory (``ru_maxrss``), which only grows over a run (``memory_source`` says).
 * Time: ``compile_s`` is the lowering and compilation of the step (``jit(...).lower(...).compile()``),
@@ -42,16 +51,16 @@ from jaxconv.models import create_model
 from jaxconv.shapes import summary
 from jaxconv.timing import time_calls  # noqa: F401  (part of this module's API, as before)
 
-# Peak dense FLOP/s per device (multiply-add = 2), from the vendors' data sheets. float32 is the plain
-# (non-tensor-core) rate; XLA's default float32 matmul precision may use TF32 on Ampere and later, so a
-# float32 MFU above 100 % on those means TF32 did the work.
+# Peak dense FLOP/s per device (multiply-add = 2), from the vendors' data sheets, by the unit doing the work:
+# "float32" the plain (non-tensor-core) rate, "tf32" NVIDIA's TensorFloat-32 tensor-core rate, "bfloat16" the
+# bfloat16 matrix rate. Sheets quoting "with sparsity" figures are halved to the dense rate.
 PEAK_FLOPS = {
-    # NVIDIA A100 data sheet: FP32 19.5 TFLOPS, BF16 tensor 312 TFLOPS (dense)
-    "A100": {"float32": 19.5e12, "bfloat16": 312e12},
-    # NVIDIA H100 SXM5 data sheet: FP32 67 TFLOPS, BF16 tensor 989 TFLOPS (dense; 1,979 with sparsity)
-    "H100": {"float32": 67e12, "bfloat16": 989e12},
-    # NVIDIA H200 SXM data sheet: the same compute as H100 SXM (FP32 67, BF16 989 dense)
-    "H200": {"float32": 67e12, "bfloat16": 989e12},
+    # NVIDIA A100 data sheet: FP32 19.5, TF32 tensor 156, BF16 tensor 312 TFLOPS (dense)
+    "A100": {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12},
+    # NVIDIA H100 SXM5 data sheet: FP32 67, TF32 tensor 989 and BF16 tensor 1,979 TFLOPS with sparsity
+    "H100": {"float32": 67e12, "tf32": 494.5e12, "bfloat16": 989e12},
+    # NVIDIA H200 SXM data sheet: the same compute as H100 SXM
+    "H200": {"float32": 67e12, "tf32": 494.5e12, "bfloat16": 989e12},
     # Google Cloud TPU system architecture pages, BF16 per chip: v4 275, v5e 197, v5p 459, v6e 918 TFLOPS
     "TPU v4": {"bfloat16": 275e12},
     "TPU v5 lite": {"bfloat16": 197e12},
@@ -61,13 +70,22 @@ PEAK_FLOPS = {
     "TPU v6 lite": {"bfloat16": 918e12},
     "TPU v6e": {"bfloat16": 918e12},
 }
+# jax_default_matmul_precision values that keep float32 work in float32 (any other value, None included,
+# lets an accelerator use its faster unit: TF32 on NVIDIA GPUs, bfloat16 passes on TPUs)
+FULL_FLOAT32 = ("highest", "float32", "f32_f32_f32")
 
 
-def table_peak(device_kind: str, dtype: str) -> float | None:
-    """The table's peak for a device kind (longest matching name first), or ``None``."""
+def table_peak(device_kind: str, dtype: str, precision: str | None = None) -> tuple[float, str] | None:
+    """``(peak FLOP/s, unit)`` from the table for a device kind (longest matching name first) and the step's
+    dtype at matmul ``precision`` (``jax_default_matmul_precision``'s value), or ``None`` if the table lacks it."""
     for name in sorted(PEAK_FLOPS, key=len, reverse=True):
         if name.lower() in device_kind.lower():
-            return PEAK_FLOPS[name].get(dtype)
+            units = PEAK_FLOPS[name]
+            if dtype == "float32" and str(precision).lower() not in FULL_FLOAT32:
+                wanted = ("tf32", "bfloat16", "float32")
+            else:
+                wanted = (dtype,)
+            return next(((units[u], u) for u in wanted if u in units), None)
     return None
 
 
@@ -85,10 +103,10 @@ def measured_peak(dtype=jnp.float32, n: int = 2048, calls: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
-def jax_step(model, batch: int, *, mode: str, dtype: str, mesh, jit=compiler.jit):
+def jax_step(model, batch: int, *, mode: str, dtype: str, mesh, jit=compiler.jit, compile: bool = True):
     """``(run, compiled)`` for ``model``'s training (SGD with momentum 0.9) or inference step on a random
     batch split over ``mesh``: ``run()`` does one step and waits; ``compiled`` is the lowered-and-compiled
-    step (for its cost analysis)."""
+    step (for its cost analysis; ``.lowered`` the program as traced). ``compile=False`` only lowers it."""
     real = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     key_x, key_y = jax.random.split(jax.random.key(0))
     *positions, classes = model.output_shape(model.input_shape)
@@ -105,7 +123,7 @@ def jax_step(model, batch: int, *, mode: str, dtype: str, mesh, jit=compiler.jit
             return nnx.merge(graphdef, p, r)(x)
         step = jit(infer, out_shardings=parallel.split(mesh))
         args = (params, jax.device_put(rest_eval, replicated), x)
-        return (lambda: jax.block_until_ready(step(*args))), _compiled(step, args)
+        return (lambda: jax.block_until_ready(step(*args))), _compiled(step, args, compile)
     tx = optax.sgd(0.01, momentum=0.9)
 
     def train(p, opt_state, r, x, y):
@@ -119,7 +137,7 @@ def jax_step(model, batch: int, *, mode: str, dtype: str, mesh, jit=compiler.jit
     step = jit(train, donate_argnums=(0, 1, 2), out_shardings=(replicated,) * 3 + (parallel.split(mesh),) * 2
                + (replicated,))
     state = [params, jax.device_put(tx.init(params), replicated), rest, x, y]
-    compiled = _compiled(step, state)
+    compiled = _compiled(step, state, compile)
 
     def run():
         *state[:], loss = step(*state)
@@ -156,16 +174,18 @@ def flax_step(model, batch: int, *, mode: str, dtype: str):
     return lambda: jax.block_until_ready(train(twin, optimizer, x, y))
 
 
-def _compiled(step, args):
-    """``step`` lowered and compiled for ``args``, with the seconds it took as ``.seconds``."""
+def _compiled(step, args, compile: bool = True):
+    """``step`` lowered and compiled for ``args``, with the seconds it took as ``.seconds`` and the lowered
+    program as ``.lowered``."""
     start = time.perf_counter()
-    compiled = step.lower(*args).compile()
-    return _Timed(compiled, time.perf_counter() - start)
+    lowered = step.lower(*args)
+    compiled = lowered.compile() if compile else None
+    return _Timed(compiled, time.perf_counter() - start, lowered)
 
 
 class _Timed:
-    def __init__(self, compiled, seconds: float):
-        self.compiled, self.seconds = compiled, seconds
+    def __init__(self, compiled, seconds: float, lowered=None):
+        self.compiled, self.seconds, self.lowered = compiled, seconds, lowered
 
     def cost_analysis(self):
         return self.compiled.cost_analysis()
@@ -176,6 +196,8 @@ def torch_step(model, batch: int, *, mode: str, dtype: str, channels_last: bool)
     import torch
     from jaxconv.torch_twin import torch_twin
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # what a PyTorch user sets for fixed shapes: cuDNN picks its fastest algorithm once
+        torch.backends.cudnn.benchmark = True
     real = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     net = torch_twin(model).to(device=device, dtype=real)
     x = torch.randn(batch, model.input_shape[-1], *model.input_shape[:-1], device=device, dtype=real)
@@ -204,13 +226,37 @@ def torch_step(model, batch: int, *, mode: str, dtype: str, channels_last: bool)
     return train
 
 
-def xla_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled function, by XLA's cost analysis (multiply-add = 2); ``None`` if absent."""
-    cost = compiled.cost_analysis()
+def xla_flops(program) -> float | None:
+    """FLOPs of one call of a lowered or compiled function, by XLA's cost analysis (multiply-add = 2); ``None``
+    if absent."""
+    cost = program.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     value = (cost or {}).get("flops")
     return float(value) if value is not None and value >= 0 else None
+
+
+def traced_flops(model_name: str, batch: int = 128, mode: str = "train", dtype: str = "float32") -> dict:
+    """jaxconv's FLOP count of a registered model's step beside XLA's count of the step as traced (lowered, not
+    compiled: seconds even for the ResNets)."""
+    model = create_model(model_name, dtype=jnp.bfloat16 if dtype == "bfloat16" else None)
+    flops_model, flops_xla = model_flops(model, batch, mode), cpu_traced_flops(model, batch, mode, dtype)
+    return dict(model=model_name, mode=mode, batch=batch, dtype=dtype, flops_model=flops_model, flops_xla=flops_xla,
+                flops_ratio=flops_xla / flops_model if flops_xla else None)
+
+
+def cpu_traced_flops(model, batch: int, mode: str, dtype: str) -> float | None:
+    """XLA's cost analysis of the step as traced, lowered for one CPU device. The count is the program's, not the
+    device's; a GPU backend gives none for a lowered program (``None``, seen with jax 0.11.2 on an H200), and its
+    compiled program's leaves the cuDNN convolutions out. ``None`` where JAX has no CPU backend."""
+    try:
+        cpu = jax.devices("cpu")[:1]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        return None
+    mesh = jax.make_mesh((1,), (parallel.AXIS,), devices=cpu, axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.default_device(cpu[0]):
+        _, timed = jax_step(model, batch, mode=mode, dtype=dtype, mesh=mesh, compile=False)
+    return xla_flops(timed.lowered)
 
 
 def model_flops(model, batch: int, mode: str) -> float:
@@ -258,6 +304,9 @@ def measure(model_name, *, batch: int = 128, dtype: str = "float32", grad: str =
     else:
         model, model_name = model_name, getattr(model_name, "name", type(model_name).__name__)
     run, compiled = jax_step(model, batch, mode=mode, dtype=dtype, mesh=mesh)
+    flops_model, flops_xla = model_flops(model, batch, mode), xla_flops(compiled.lowered)
+    if flops_xla is None:  # no analysis of a lowered program on this backend (GPUs): the same step lowered for a
+        flops_xla = cpu_traced_flops(model, batch, mode, dtype)  # CPU, before the steps donate the model's arrays
     runs = {"jaxconv": run}
     torch_error = None
     if compare_torch:
@@ -280,14 +329,13 @@ def measure(model_name, *, batch: int = 128, dtype: str = "float32", grad: str =
     device = mesh.devices.flat[0]
     if peak is None:
         peak = _peak(device.device_kind, dtype)
-    flops_model, flops_xla = model_flops(model, batch, mode), xla_flops(compiled)
     memory, memory_source = peak_memory(device)
     row = dict(model=model_name, mode=mode, batch=batch, dtype=dtype, grad=grad, devices=mesh.size,
                device_kind=device.device_kind, compile_s=compiled.seconds, first_call_s=ours["first_s"],
                step_s=ours["median_s"],
                step_q25_s=ours["q25_s"], step_q75_s=ours["q75_s"], steps=ours["samples"],
                images_per_s=batch / ours["median_s"], images_per_s_per_device=batch / ours["median_s"] / mesh.size,
-               flops_model=flops_model, flops_xla=flops_xla,
+               flops_model=flops_model, flops_xla=flops_xla, flops_xla_compiled=xla_flops(compiled),
                flops_ratio=(flops_xla / flops_model) if flops_xla else None,
                achieved_flops_per_s=flops_model / ours["median_s"], peak_flops_per_s=peak[0] * mesh.size,
                peak_source=peak[1], memory_bytes=memory, memory_source=memory_source)
@@ -311,9 +359,12 @@ _PEAKS: dict = {}
 
 
 def _peak(device_kind: str, dtype: str) -> tuple[float, str]:
-    listed = table_peak(device_kind, dtype)
+    precision = jax.config.jax_default_matmul_precision
+    listed = table_peak(device_kind, dtype, precision)
     if listed is not None:
-        return listed, f"table: {device_kind} {dtype}"
+        peak, unit = listed
+        how = "" if unit == dtype else f", the unit JAX's default precision uses for {dtype} here"
+        return peak, f"table: {device_kind} {unit}{how}"
     if dtype not in _PEAKS:
         real = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
         _PEAKS[dtype] = measured_peak(real)
@@ -348,11 +399,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line([c[1] for c in cols]), line(["-" * w for w in widths]), *map(line, body)])
 
 
-def write_json_lines(path: str, rows: list[dict], env: dict) -> None:
+def write_json_line(file, row: dict, env: dict) -> None:
+    """One row and the environment as a line of JSON, flushed to disk."""
     import json
+    file.write(json.dumps({**row, "environment": env}) + "\n")
+    file.flush()
+
+
+def write_json_lines(path: str, rows: list[dict], env: dict) -> None:
     with open(path, "w") as f:
         for row in rows:
-            f.write(json.dumps({**row, "environment": env}) + "\n")
+            write_json_line(f, row, env)
 
 
 def write_csv(path: str, rows: list[dict], env: dict) -> None:

@@ -7,6 +7,7 @@ checkpoint; a failed gradient check exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -108,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also checkpoint every STEPS training steps (default: at epoch ends only)")
     train.add_argument("--steps-per-dispatch", type=int, metavar="N",
                        help="run N training steps per compiled program (one lax.scan), so Python dispatches once "
-                            "per N steps; results equal N=1 up to rounding (the default: on XLA:CPU a scanned loop "
-                            "ran slower, see benchmarks/scan_vs_step.py; on GPU/TPU measure it with that script). "
-                            "Checks for SIGINT/SIGTERM and --checkpoint-every happen between dispatches")
+                            "per N steps; results equal N=1 up to rounding. Default: 1 on a CPU (XLA:CPU ran "
+                            "scanned steps slower), 32 on a GPU or TPU (an H200 ran MNIST-1D's epoch 3.2x faster at "
+                            "8; benchmarks/scan_vs_step.py measures it). Checks for SIGINT/SIGTERM and "
+                            "--checkpoint-every happen between dispatches")
     train.add_argument("--devices", metavar="N|all",
                        help="split each global batch across N devices of every process (default: all of them); "
                             "--batch-size stays the global batch and must divide by the device count")
@@ -347,25 +349,34 @@ def _bench(args) -> int:
     print(f"jaxconv bench on {env['device_count']} {env['device_kind']} device(s), {env['cpu_count']} cores; "
           f"jax {env['jax']}, flax {env['flax']}, torch {env['torch']}; XLA options {env['xla_options'] or 'none'}")
     rows = []
-    for model, mode, batch, dtype, grad, devices in grid:
-        row = bench.measure(model, batch=batch, dtype=dtype, grad=grad, mode=mode, devices=devices,
-                            compare_torch="torch" in compare, compare_flax="flax" in compare, steps=args.steps)
-        rows.append(row)
-        print(f"  {model} {mode} batch {batch} {dtype} grad={grad} x{row['devices']}: step {row['step_s'] * 1e3:.2f} ms"
-              + (f", torch {row['torch_step_s'] * 1e3:.2f} ms ({row['torch_layout']})" if "torch_step_s" in row else "")
-              + (f"; {row['torch_error']}" if row.get("torch_error") else "")
-              + (f", flax {row['flax_step_s'] * 1e3:.2f} ms" if "flax_step_s" in row else "")
-              + (f"; flax: {row['flax_error']}" if row.get("flax_error") else ""), flush=True)
+    # JSON lines are written as each configuration is measured: a long sweep stopped part-way keeps its rows
+    json_lines = open(args.json, "w") if args.json else contextlib.nullcontext()
+    with json_lines:
+        for model, mode, batch, dtype, grad, devices in grid:
+            row = bench.measure(model, batch=batch, dtype=dtype, grad=grad, mode=mode, devices=devices,
+                                compare_torch="torch" in compare, compare_flax="flax" in compare, steps=args.steps)
+            rows.append(row)
+            if args.json:
+                bench.write_json_line(json_lines, row, env)
+            _print_bench_row(row)
     print(bench.format_table(rows))
     print(f"FLOPs: multiply-add = 2 in both columns; model = jaxconv's summary count x batch (x3 for training); "
-          f"XLA = cost_analysis() of the compiled step. MFU against {rows[0]['peak_flops_per_s'] / rows[0]['devices']:.3g} "
+          f"XLA = cost_analysis() of the step's program as traced. MFU against {rows[0]['peak_flops_per_s'] / rows[0]['devices']:.3g} "
           f"FLOP/s per device ({rows[0]['peak_source']}). Memory: {rows[0]['memory_source']}.")
-    for path, write in ((args.json, bench.write_json_lines), (args.csv, bench.write_csv)):
-        if path:
-            write(path, rows, env)
+    if args.csv:
+        bench.write_csv(args.csv, rows, env)
     if args.plot:
         bench.plot(args.plot, rows)
     return 0
+
+
+def _print_bench_row(row: dict) -> None:
+    print(f"  {row['model']} {row['mode']} batch {row['batch']} {row['dtype']} grad={row['grad']} x{row['devices']}: "
+          f"step {row['step_s'] * 1e3:.2f} ms"
+          + (f", torch {row['torch_step_s'] * 1e3:.2f} ms ({row['torch_layout']})" if "torch_step_s" in row else "")
+          + (f"; {row['torch_error']}" if row.get("torch_error") else "")
+          + (f", flax {row['flax_step_s'] * 1e3:.2f} ms" if "flax_step_s" in row else "")
+          + (f"; flax: {row['flax_error']}" if row.get("flax_error") else ""), flush=True)
 
 
 def _gradcheck(args) -> int:

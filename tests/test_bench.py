@@ -4,6 +4,7 @@ import csv
 import json
 import sys
 
+import jax
 import pytest
 from flax import nnx
 
@@ -27,7 +28,27 @@ def test_flops_agree_with_a_hand_count_and_with_xla():
     assert inference["flops_xla"] == pytest.approx(2 * 2736, rel=0.05)
     train = bench.measure(one_conv(), batch=2, mode="train", steps=2, peak=GIVEN_PEAK)
     assert train["flops_model"] == 3 * 2 * 2736  # forward, input gradient, weight gradient
-    assert train["flops_xla"] > train["flops_model"] * 0.5  # XLA's count of the compiled step, optimizer included
+    assert train["flops_xla"] > train["flops_model"] * 0.5  # XLA's count of the traced step, optimizer included
+    # the compiled program's count, beside it: on this CPU XLA compiles convolutions itself and counts them
+    assert inference["flops_xla_compiled"] == pytest.approx(2 * 2736, rel=0.05)
+    # where a backend has no analysis of a lowered program (GPUs), the step lowered for a CPU device counts
+    assert bench.cpu_traced_flops(one_conv(), 2, "inference", "float32") == pytest.approx(2 * 2736, rel=0.05)
+    assert bench.cpu_traced_flops(one_conv(), 2, "train", "float32") == train["flops_xla"]
+
+
+def test_without_an_analysis_of_the_lowered_step_the_step_lowered_for_a_cpu_counts(monkeypatch):
+    """GPU backends give no cost analysis of a lowered program: the bench then lowers the same step for a CPU
+    device, before its timed steps donate (delete) the model's arrays."""
+    from jax.stages import Lowered
+    real, calls = Lowered.cost_analysis, []
+
+    def none_first(self):
+        calls.append(self)
+        return None if len(calls) == 1 else real(self)
+    monkeypatch.setattr(Lowered, "cost_analysis", none_first)
+    row = bench.measure(one_conv(), batch=2, mode="train", steps=2, peak=GIVEN_PEAK)
+    assert len(calls) == 2
+    assert row["flops_xla"] == bench.cpu_traced_flops(one_conv(), 2, "train", "float32") > row["flops_model"] * 0.5
 
 
 def test_every_field_is_consistent():
@@ -45,13 +66,29 @@ def test_every_field_is_consistent():
 
 
 def test_peaks_come_from_the_table_or_a_measured_matmul():
-    assert bench.table_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
-    assert bench.table_peak("NVIDIA A100-SXM4-40GB", "float32") == 19.5e12
-    assert bench.table_peak("TPU v5 lite", "bfloat16") == 197e12
-    assert bench.table_peak("TPU v5p", "bfloat16") == 459e12
+    assert bench.table_peak("NVIDIA H100 80GB HBM3", "bfloat16") == (989e12, "bfloat16")
+    assert bench.table_peak("TPU v5 lite", "bfloat16") == (197e12, "bfloat16")
+    assert bench.table_peak("TPU v5p", "bfloat16") == (459e12, "bfloat16")
     assert bench.table_peak("cpu", "float32") is None
     peak, source = bench._peak("cpu", "float32")
     assert peak > 1e9 and source.startswith("measured: float32 2048x2048 matmul")
+
+
+def test_float32_peaks_follow_the_matmul_precision_in_force():
+    """JAX's default precision runs float32 convolutions on TF32 tensor cores (NVIDIA) or bfloat16 passes
+    (TPU); "highest" keeps them in float32, which a TPU has no listed rate for."""
+    assert bench.table_peak("NVIDIA A100-SXM4-40GB", "float32") == (156e12, "tf32")
+    assert bench.table_peak("NVIDIA H200", "float32", "default") == (494.5e12, "tf32")
+    assert bench.table_peak("NVIDIA H200", "float32", "tensorfloat32") == (494.5e12, "tf32")
+    assert bench.table_peak("NVIDIA A100-SXM4-40GB", "float32", "highest") == (19.5e12, "float32")
+    assert bench.table_peak("NVIDIA H200", "float32", "float32") == (67e12, "float32")
+    assert bench.table_peak("TPU v4", "float32") == (275e12, "bfloat16")
+    assert bench.table_peak("TPU v4", "float32", "highest") is None
+    assert bench.table_peak("NVIDIA H200", "bfloat16", "highest") == (989e12, "bfloat16")
+    with jax.default_matmul_precision("highest"):
+        assert bench._peak("NVIDIA H200", "float32") == (67e12, "table: NVIDIA H200 float32")
+    assert bench._peak("NVIDIA H200", "float32") == (
+        494.5e12, "table: NVIDIA H200 tf32, the unit JAX's default precision uses for float32 here")
 
 
 def test_without_torch_the_comparison_is_skipped_with_a_reason(monkeypatch):
