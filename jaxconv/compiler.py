@@ -73,6 +73,20 @@ def replica_strategy(backend: str | None = None) -> str:
     return "unroll" if (backend or jax.default_backend()) == "cpu" else "vmap"
 
 
+# Training steps per compiled program on GPUs and TPUs (a lax.scan of this many steps); 1 on CPUs.
+ACCELERATOR_STEPS_PER_DISPATCH = 32
+
+
+def steps_per_dispatch(backend: str | None = None) -> int:
+    """``jaxconv train``'s training steps per dispatch when ``--steps-per-dispatch`` is not given: 1 on a CPU, where
+    XLA:CPU runs a convolution's weight gradient far slower inside a loop (MNIST-1D's epoch 2.5x slower scanned,
+    ``benchmarks/scan_vs_step.py``, ``benchmarks/conv_in_loop.py``); :data:`ACCELERATOR_STEPS_PER_DISPATCH`
+    on GPUs and TPUs, where each dispatch of a small step costs more than the step: on an H200, an epoch of
+    MNIST-1D (40 steps of 100) took 24.7 ms one step at a time and 7.8 ms at 8 steps per dispatch, LeNet-5 on
+    MNIST (78 steps of 128) 58.2 and 16.6 ms (``benchmarks/gpu_session.sh``)."""
+    return 1 if (backend or jax.default_backend()) == "cpu" else ACCELERATOR_STEPS_PER_DISPATCH
+
+
 def enable_compilation_cache(folder: str | None = None) -> str | None:
     """Turn on JAX's persistent compilation cache in ``folder`` (default ``~/.cache/jaxconv/xla``, or
     ``$JAXCONV_DATA/xla``), so a second run of the same program loads its compiled steps instead of compiling.

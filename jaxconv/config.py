@@ -36,7 +36,8 @@ class TrainConfig:
     val_split: float = 0.0                # share of the training set held out for per-epoch validation
     test_every_epoch: bool = False        # with a validation split: evaluate the test set every epoch too
     checkpoint_every: int = 0             # steps between mid-epoch checkpoints (0: at epoch ends only)
-    steps_per_dispatch: int = 1           # training steps per compiled program (a lax.scan when > 1)
+    steps_per_dispatch: int | None = None  # training steps per compiled program (a lax.scan when > 1); None:
+                                           # per platform (jaxconv.compiler.steps_per_dispatch)
     devices: str | int = "all"            # devices per process the global batch is split across: N or "all"
     seeds: int = 1                        # replicas trained together (seeds seed..seed+seeds-1), one program
 
@@ -139,7 +140,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
          f"--devices must be a count >= 1 or 'all', got {filled.devices!r}"),
         (filled.seeds >= 1, f"--seeds must be >= 1, got {filled.seeds}"),
         (filled.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 steps, got {filled.checkpoint_every}"),
-        (filled.steps_per_dispatch >= 1, f"--steps-per-dispatch must be >= 1, got {filled.steps_per_dispatch}"),
+        (filled.steps_per_dispatch is None or filled.steps_per_dispatch >= 1,
+         f"--steps-per-dispatch must be >= 1, got {filled.steps_per_dispatch}"),
         (not filled.test_every_epoch or filled.val_split > 0,
          "--test-every-epoch adds the test set to the per-epoch validation; without --val-split the test set "
          "already is what every epoch evaluates"),

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconv import checkpoints as ckpt
-from jaxconv import parallel, runs
+from jaxconv import compiler, parallel, runs
 from jaxconv.config import TrainConfig, check_resume, describe, resolve  # noqa: F401
 from jaxconv.data import DATASETS, Dataset, load_dataset, split_indices
 from jaxconv.events import EventLog
@@ -318,8 +318,10 @@ def _fit(config, resume, overwrite, dataset, log, signals, started):
             return evaluate(eval_step, at, images, labels, rows, config.eval_batch_size, mesh)
 
     held = f" / {len(replicas[0].validation_rows)} validation" if validation else ""
+    per_dispatch = config.steps_per_dispatch or compiler.steps_per_dispatch()
     log(f"{config.dataset} ({data.source}): {n_train} train{held} / {len(data.test)} test; model {config.model}; "
         f"{config.epochs} epochs x {steps} steps of {batch}; {describe(config)}; on {parallel.describe(mesh)}"
+        + (f", {per_dispatch} steps per dispatch" if per_dispatch > 1 else "")
         + (f" (of {jax.device_count()}: the batch of {batch} does not divide by more)"
            if mesh.size < jax.device_count() and config.devices == "all" else ""))
     if resume:
@@ -340,7 +342,7 @@ def _fit(config, resume, overwrite, dataset, log, signals, started):
         t0, losses, checked = time.perf_counter(), [], epoch * steps + first  # checked: steps whose loss was seen
         i = first
         while i < steps:
-            n = _steps_to_dispatch(epoch * steps, i, steps, config.steps_per_dispatch, config.checkpoint_every)
+            n = _steps_to_dispatch(epoch * steps, i, steps, per_dispatch, config.checkpoint_every)
             with _explain_out_of_memory("training", "--batch-size", batch):
                 state, loss = train_step(state, train_x, train_y, order, i, n)
             if not losses and epoch * steps + i == start:  # the time to first step, compilation included

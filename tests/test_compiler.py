@@ -134,3 +134,9 @@ def test_jaxconv_jit_hands_its_options_to_xla(monkeypatch):
     with pytest.raises(Exception, match="xla_jaxconv_no_such_option"):
         step(model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param), jax.numpy.zeros((2, 40, 1)),
              jax.numpy.zeros(2, int))
+
+
+def test_steps_per_dispatch_is_one_on_a_cpu_and_a_scan_on_accelerators():
+    assert compiler.steps_per_dispatch("cpu") == 1
+    assert compiler.steps_per_dispatch("gpu") == compiler.steps_per_dispatch("tpu") == 32
+    assert compiler.steps_per_dispatch() == (1 if jax.default_backend() == "cpu" else 32)
