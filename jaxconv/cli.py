@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps-per-dispatch", type=int, metavar="N",
                        help="run N training steps per compiled program (one lax.scan), so Python dispatches once "
                             "per N steps; results equal N=1 up to rounding. Default: 1 on a CPU (XLA:CPU ran "
-                            "scanned steps slower), 32 on a GPU or TPU (an H200 ran MNIST-1D's epoch 3.2x faster at "
-                            "8; benchmarks/scan_vs_step.py measures it). Checks for SIGINT/SIGTERM and "
+                            "scanned steps slower), 32 on a GPU or TPU (an H200 ran an epoch 3.1x faster on "
+                            "MNIST-1D and 4.5x on MNIST/LeNet-5; benchmarks/scan_vs_step.py measures it). Checks for SIGINT/SIGTERM and "
                             "--checkpoint-every happen between dispatches")
     train.add_argument("--devices", metavar="N|all",
                        help="split each global batch across N devices of every process (default: all of them); "

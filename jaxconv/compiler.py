@@ -30,7 +30,7 @@ CPU_OPTIONS = {
 
 def compiler_options(backend: str | None = None) -> dict:
     """The XLA options jaxconv adds to its compiled functions on ``backend`` (default: JAX's)."""
-    if os.environ.get("JAXCONV_XLA_OPTIONS", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(os.environ.get("JAXCONV_XLA_OPTIONS")):
         return {}
     if (backend or jax.default_backend()) != "cpu":
         return {}
@@ -82,8 +82,10 @@ def steps_per_dispatch(backend: str | None = None) -> int:
     XLA:CPU runs a convolution's weight gradient far slower inside a loop (MNIST-1D's epoch 2.5x slower scanned,
     ``benchmarks/scan_vs_step.py``, ``benchmarks/conv_in_loop.py``); :data:`ACCELERATOR_STEPS_PER_DISPATCH`
     on GPUs and TPUs, where each dispatch of a small step costs more than the step: on an H200, an epoch of
-    MNIST-1D (40 steps of 100) took 24.7 ms one step at a time and 7.8 ms at 8 steps per dispatch, LeNet-5 on
-    MNIST (78 steps of 128) 58.2 and 16.6 ms (``benchmarks/gpu_session.sh``)."""
+    MNIST-1D (40 steps of 100) took 21.0 ms one step at a time, 8.0 ms at 8 steps per dispatch, 6.7 ms at 32
+    and 6.4 ms as one program; LeNet-5 on MNIST (78 steps of 128) 69.6, 20.3, 15.6 and 15.6 ms
+    (``benchmarks/gpu_session.sh scan_fine``). 32 keeps most of the gain while a signal or the progress bar still
+    gets a turn every 32 steps. Not measured on a TPU."""
     return 1 if (backend or jax.default_backend()) == "cpu" else ACCELERATOR_STEPS_PER_DISPATCH
 
 
@@ -95,16 +97,27 @@ def enable_compilation_cache(folder: str | None = None) -> str | None:
     (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config.jax_compilation_cache_dir``) or when
     ``JAXCONV_COMPILATION_CACHE=0``. Entries are kept whatever their compile time (JAX's default skips those
     under a second, which is most of jaxconv's steps on a CPU). Returns the folder in use, or ``None``."""
-    if os.environ.get("JAXCONV_COMPILATION_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(os.environ.get("JAXCONV_COMPILATION_CACHE")):
         return None
     chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
     if chosen:
         return chosen
     from jaxconv.data import cache_dir
     folder = folder or os.path.join(cache_dir(), "xla")
+    use_compilation_cache(folder)
+    return folder
+
+
+def use_compilation_cache(folder: str) -> None:
+    """JAX's persistent compilation cache in ``folder``, keeping every program whatever its compile time and size."""
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return folder
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def switched_off(value: str | None) -> bool:
+    """Whether an environment switch's value turns its feature off: 0, false, no or off (unset: on)."""
+    return (value or "").strip().lower() in ("0", "false", "no", "off")
 
 
 def nnx_jit(fun=None, **kwargs):

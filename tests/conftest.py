@@ -11,6 +11,8 @@ os.environ.setdefault("JAXCONV_COMPILATION_CACHE", "0")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from jaxconv import compiler  # noqa: E402
+
 
 def _share_compiled_programs() -> None:
     """Most of the tests' time is XLA compiling the same small training programs again, test after test: the
@@ -26,11 +28,8 @@ def _share_compiled_programs() -> None:
     if folder is None:
         folder = os.environ["JAXCONV_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="jaxconv-tests-xla-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    if folder.strip().lower() in ("0", "false", "no", "off"):
-        return
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program: most compile in < 1 s
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    if not compiler.switched_off(folder):
+        compiler.use_compilation_cache(folder)
 
 
 _share_compiled_programs()
