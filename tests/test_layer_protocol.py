@@ -415,6 +415,23 @@ def test_torch_initialiser_is_uniform_within_one_over_sqrt_fan_in():
     (lambda: L.Conv1d(1, 1, 5, rngs=nnx.Rngs(0)).output_shape((3, 1)),
      "Conv1d: kernel span 5 (K=5, dilation=1) on spatial axis 0 is larger than the padded input 3 (size 3 + "
      "padding 0+0)"),
+    (lambda: L.Conv2d(1, 2, (3, 0), rngs=nnx.Rngs(0)), "Conv2d: `kernel_size` must be >= 1 on every axis, got (3, 0)"),
+    (lambda: L.Conv2d(1, 2, 3, stride=(1,), rngs=nnx.Rngs(0)),
+     "Conv2d: `stride` must have one entry per spatial axis (2), got 1: (1,)"),
+    (lambda: L.Conv2d(1, 2, 3, dilation=(1, 1, 1), rngs=nnx.Rngs(0)),
+     "Conv2d: `dilation` must have one entry per spatial axis (2), got 3: (1, 1, 1)"),
+    (lambda: L.Conv(1, 2, 3, rngs=nnx.Rngs(0)).output_shape((5, 5, 1)),
+     "Conv: an int kernel_size (3) means a 1-D kernel, but the input (5, 5, 1) has 2 spatial axes: give "
+     "kernel_size=(3, 3), or use Conv2d, where 3 means 3x3"),
+    (lambda: L.Conv2d(1, 1, 3, rngs=nnx.Rngs(0)).output_shape((5, 2, 1)),
+     "Conv2d: kernel span 3 (K=3, dilation=1) on spatial axis 1 is larger than the padded input 2 (size 2 + "
+     "padding 0+0)"),
+    (lambda: L.MaxPool((2, 2, 2)).output_shape((4, 4, 1)),
+     "MaxPool: `window` must have one entry per spatial axis (2), got 3: (2, 2, 2)"),
+    (lambda: L.AvgPool(2, stride=(1, 1, 1)).output_shape((4, 4, 1)),
+     "AvgPool: `stride` must have one entry per spatial axis (2), got 3: (1, 1, 1)"),
+    (lambda: L.Upsample((2, 2, 2)).output_shape((4, 4, 1)),
+     "Upsample: `scale` must have one entry per spatial axis (2), got 3: (2, 2, 2)"),
     (lambda: L.BatchNorm(3, momentum=-0.1), "BatchNorm: `momentum` must be in [0, 1]"),
     (lambda: L.Dropout(-0.1, rngs=nnx.Rngs(0)), "Dropout: `drop_rate` must be in [0, 1), got -0.1"),
     (lambda: L.GroupNorm(8, 0), "GroupNorm: `num_groups` (=0) must be a positive int dividing `num_features` (=8)"),
@@ -448,3 +465,52 @@ def test_a_leaf_that_declares_nothing_says_what_it_lacks():
         with pytest.raises(NotImplementedError) as err:
             call()
         assert str(err.value).startswith(message)
+
+
+def test_pools_with_a_stride_other_than_the_window_against_numpy():
+    """Windows of 3 at stride 1 and 2, padded by 1 (average over the window's real inputs, or over all 9 taps)."""
+    x = np.random.default_rng(0).normal(size=(2, 6, 5, 3))
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=np.nan)
+    for stride in (1, 2):
+        rows, cols = range(0, 6, stride), range(0, 5, stride)
+        windows = np.stack([np.stack([padded[:, i:i + 3, j:j + 3] for j in cols], 1) for i in rows], 1)
+        want = {"max": np.nanmax(windows, (3, 4)), "avg_excl": np.nanmean(windows, (3, 4)),
+                "avg_incl": np.nansum(windows, (3, 4)) / 9}
+        layers = {"max": L.MaxPool2d(3, stride=stride, padding=1),
+                  "avg_excl": L.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
+                  "avg_incl": L.AvgPool2d(3, stride=stride, padding=1)}
+        for name, layer in layers.items():
+            got = layer(jnp.asarray(x, jnp.float32))
+            assert got.shape == want[name].shape == (2, *layer.output_shape((6, 5, 3))), (name, stride)
+            np.testing.assert_allclose(got, want[name], rtol=1e-6, atol=1e-6, err_msg=f"{name} stride {stride}")
+
+
+def test_layers_keep_the_dtypes_and_initialisers_they_are_given():
+    r, x = nnx.Rngs(0), jnp.ones((2, 6, 6, 4))
+    for layer in (L.Conv2d(4, 3, 3, dtype=jnp.bfloat16, rngs=r), L.ConvTranspose2d(4, 3, 3, dtype=jnp.bfloat16, rngs=r),
+                  L.BatchNorm(4, dtype=jnp.bfloat16), L.GroupNorm(4, 2, dtype=jnp.bfloat16),
+                  L.LayerNorm(4, dtype=jnp.bfloat16)):
+        assert layer(x).dtype == jnp.bfloat16, type(layer).__name__
+    for layer in (L.Dense(4, 2, param_dtype=jnp.bfloat16, rngs=r), L.Conv2d(4, 3, 3, param_dtype=jnp.bfloat16, rngs=r),
+                  L.ConvTranspose2d(4, 3, 3, param_dtype=jnp.bfloat16, rngs=r), L.BatchNorm(4, param_dtype=jnp.bfloat16),
+                  L.GroupNorm(4, 2, param_dtype=jnp.bfloat16), L.LayerNorm(4, param_dtype=jnp.bfloat16)):
+        params = nnx.state(layer, nnx.Param)
+        assert {str(a.dtype) for a in jax.tree.leaves(params)} == {"bfloat16"}, type(layer).__name__
+    quarter = lambda key, shape, dtype: jnp.full(shape, 0.25, dtype)
+    for layer in (L.Conv2d(4, 3, 3, kernel_init=quarter, rngs=r), L.ConvTranspose2d(4, 3, 3, kernel_init=quarter, rngs=r)):
+        assert bool(jnp.all(layer.kernel[...] == 0.25)), type(layer).__name__
+
+
+def test_manual_composites_join_their_branches_with_hand_written_rules_too():
+    """grad="manual" on a Residual or Concat reaches its add or concatenation, not only the leaves inside."""
+    x = jnp.ones((2, 4, 4, 3))
+
+    def rules(layer):
+        graphdef, state = nnx.split(layer)
+        return str(jax.make_jaxpr(lambda x: nnx.merge(graphdef, state, copy=True)(x))(x)).count("bwd=f_bwd")
+    relu, identity = L.ReLU(grad="manual"), L.Identity(grad="manual")
+    assert rules(relu) == rules(identity) == 1
+    for layer in (L.Residual(L.ReLU()), L.Concat(L.Identity(), L.ReLU())):  # a Residual's shortcut: Identity
+        layer.set_attributes(grad="manual")
+        assert rules(layer) == 3, type(layer).__name__
+
