@@ -406,12 +406,6 @@ def write_json_line(file, row: dict, env: dict) -> None:
     file.flush()
 
 
-def write_json_lines(path: str, rows: list[dict], env: dict) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            write_json_line(f, row, env)
-
-
 def write_csv(path: str, rows: list[dict], env: dict) -> None:
     import csv
     fields = list(dict.fromkeys(k for row in rows for k in row)) + [f"env_{k}" for k in env]

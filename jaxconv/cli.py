@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run N training steps per compiled program (one lax.scan), so Python dispatches once "
                             "per N steps; results equal N=1 up to rounding. Default: 1 on a CPU (XLA:CPU ran "
                             "scanned steps slower), 32 on a GPU or TPU (an H200 ran an epoch 3.1x faster on "
-                            "MNIST-1D and 4.5x on MNIST/LeNet-5; benchmarks/scan_vs_step.py measures it). Checks for SIGINT/SIGTERM and "
-                            "--checkpoint-every happen between dispatches")
+                            "MNIST-1D and 4.5x on MNIST/LeNet-5; benchmarks/scan_vs_step.py measures it). "
+                            "Checks for SIGINT/SIGTERM and --checkpoint-every happen between dispatches")
     train.add_argument("--devices", metavar="N|all",
                        help="split each global batch across N devices of every process (default: all of them); "
                             "--batch-size stays the global batch and must divide by the device count")
@@ -361,8 +361,9 @@ def _bench(args) -> int:
             _print_bench_row(row)
     print(bench.format_table(rows))
     print(f"FLOPs: multiply-add = 2 in both columns; model = jaxconv's summary count x batch (x3 for training); "
-          f"XLA = cost_analysis() of the step's program as traced. MFU against {rows[0]['peak_flops_per_s'] / rows[0]['devices']:.3g} "
-          f"FLOP/s per device ({rows[0]['peak_source']}). Memory: {rows[0]['memory_source']}.")
+          f"XLA = cost_analysis() of the step's program as traced. "
+          f"MFU against {rows[0]['peak_flops_per_s'] / rows[0]['devices']:.3g} FLOP/s per device "
+          f"({rows[0]['peak_source']}). Memory: {rows[0]['memory_source']}.")
     if args.csv:
         bench.write_csv(args.csv, rows, env)
     if args.plot:
