@@ -1,6 +1,6 @@
 """jaxconv's FLOP count of every registered model's training and inference step beside XLA's cost analysis of
-the same step as traced (multiply-add = 2 in both; training = 3x the forward pass in jaxconv's count, the whole
-step, optimizer included, in XLA's). Lowering only, no compilation: runs in seconds on any device.
+the same step as traced (multiply-add = 2 in both; training = 3x the forward pass less the data's gradient in
+jaxconv's count, ``jaxconv.shapes.training_flops``; the whole step, loss and optimizer included, in XLA's). Lowering only, no compilation: runs in seconds on any device.
 
     python benchmarks/flops_agreement.py [--batch 128] [--dtype float32]
 """

@@ -11,9 +11,11 @@ Conventions, said once:
   program as traced (``jit(...).lower(...).cost_analysis()``: forward, backward and optimizer update, before
   the backend's passes; where the backend gives no analysis of a lowered program, as GPUs' don't, the same
   step lowered for a CPU device); ``flops_model`` is jaxconv's own per-layer count
-  (:func:`jaxconv.shapes.summary`) times the batch - the forward pass for inference, and 3x the forward pass
-  for training (the backward pass computes a gradient for the input and for the weights, each about one
-  forward's work), the convention of Kaplan et al. (2020) and of most MFU reports. ``flops_xla_compiled`` is
+  (:func:`jaxconv.shapes.summary`) times the batch - the forward pass for inference; for training
+  (:func:`jaxconv.shapes.training_flops`) 3x the forward pass (the backward pass computes a gradient for the
+  input and for the weights, each about one forward's work; the convention of Kaplan et al. (2020) and of
+  most MFU reports), less the gradient of the data, which no step computes: the first conv counts its
+  forward and weight gradient only. ``flops_xla_compiled`` is
   the compiled program's analysis: on a GPU it leaves out the convolutions, which the compiler hands to cuDNN
   as library calls (seen on an H200: 2.3 of cifar_resnet18's 371 training GFLOPs), so it is kept as a field
   but not compared.
@@ -48,7 +50,7 @@ from flax import nnx
 from jaxconv import compiler, parallel
 from jaxconv import functional as F
 from jaxconv.models import create_model
-from jaxconv.shapes import summary
+from jaxconv.shapes import summary, training_flops
 from jaxconv.timing import time_calls  # noqa: F401  (part of this module's API, as before)
 
 # Peak dense FLOP/s per device (multiply-add = 2), from the vendors' data sheets, by the unit doing the work:
@@ -260,9 +262,10 @@ def cpu_traced_flops(model, batch: int, mode: str, dtype: str) -> float | None:
 
 
 def model_flops(model, batch: int, mode: str) -> float:
-    """jaxconv's own count: the summary's forward FLOPs per example x batch, x3 for a training step."""
-    forward = summary(model).total_flops * batch
-    return float(forward * (3 if mode == "train" else 1))
+    """jaxconv's own count x batch: the summary's forward FLOPs per example, or for a training step
+    :func:`jaxconv.shapes.training_flops` (3x the forward, less the data's gradient, which no step computes)."""
+    per_example = training_flops(model) if mode == "train" else summary(model).total_flops
+    return float(per_example * batch)
 
 
 def peak_memory(device) -> tuple[int, str]:

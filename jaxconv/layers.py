@@ -600,7 +600,13 @@ def _check_layer(child, where):
 
 
 class Composite(Layer):
-    """A layer made of layers; ``grad`` set on it reaches its own combining op (add, concat)."""
+    """A layer made of layers; ``grad`` set on it reaches its own combining op (add, concat).
+
+    ``parallel``: whether every child reads the composite's input (branches, as in :class:`Residual` and
+    :class:`Concat`) or each child reads the previous one's output (a chain, as in :class:`Sequential`); the
+    training FLOP count (:func:`jaxconv.shapes.training_flops`) follows the data that way."""
+
+    parallel = False
 
     def spec(self, x):
         raise TypeError(f"{type(self).__name__} is a composite: it has no single op")
@@ -680,6 +686,8 @@ class Residual(Composite):
     Receptive field: the wider branch's; FLOPs: both branches plus the add.
     """
 
+    parallel = True
+
     def __init__(self, body, shortcut=None, *, grad: str = "auto"):
         self.body = _check_layer(body, "Residual: `body`")
         self.shortcut = Identity() if shortcut is None else _check_layer(shortcut, "Residual: `shortcut`")
@@ -723,6 +731,8 @@ class Concat(Composite):
     Backward: the upstream gradient is cut by channels, one piece per branch, and their input
     gradients add. Receptive field: the widest branch's; FLOPs: the branches' (joining costs none).
     """
+
+    parallel = True
 
     def __init__(self, *branches, grad: str = "auto"):
         if len(branches) < 2:

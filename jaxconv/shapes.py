@@ -3,7 +3,8 @@
 FLOPs: forward pass, per example, a multiply-add counted as 2 (as most papers and fvcore's
 "mult-adds x 2"), but only the multiply-adds a layer performs: a conv's kernel taps that land on
 padding are not counted, which is also how XLA's cost analysis counts. Each layer answers for
-itself (``Layer.flops``).
+itself (``Layer.flops``). A training step's count (:func:`training_flops`) follows from the forward
+counts and where gradients flow.
 """
 from __future__ import annotations
 
@@ -139,3 +140,34 @@ def summary(model, input_shape=None, *, depth: int | None = None) -> Summary:
 
     walk(model, "", shape, _start(shape), -1)
     return result
+
+
+def training_flops(model, input_shape=None) -> int:
+    """FLOPs per example of a training step's forward and backward passes (multiply-add = 2).
+
+    The usual convention, made exact about the data: a layer that gradients pass through costs 3x its
+    forward (the input gradient and the weight gradient, or for a parameter-free layer its backward, each
+    about one forward; Kaplan et al. 2020). But no program computes the gradient of the data: a layer whose
+    input depends on no parameter (the first conv, reading the images) costs 2x with parameters (forward
+    and weight gradient) and 1x without (the forward alone). Branches of a :class:`~jaxconv.layers.Composite`
+    with ``parallel = True`` all read its input; a composite's own work (a residual add) counts 3x when
+    parameters lie upstream of its output.
+    """
+    shape = _input_shape(model, input_shape)
+    return _training_flops(model, shape, after_params=False)[0]
+
+
+def _training_flops(layer, in_shape, after_params: bool) -> tuple[int, bool]:
+    """``(FLOPs, whether parameters lie upstream of the output)`` of ``layer`` on ``in_shape``, given whether
+    they lie upstream of its input."""
+    children = layer.children(in_shape)
+    if not children:
+        has_params = count_params(layer) > 0
+        factor = 2 + after_params if has_params else (3 if after_params else 1)
+        return factor * layer.flops(in_shape), after_params or has_params
+    total, upstream, own = 0, after_params, layer.flops(in_shape)
+    for _, child, child_shape, _ in children:
+        flops, out = _training_flops(child, child_shape, after_params if layer.parallel else upstream)
+        total, own = total + flops, own - child.flops(child_shape)
+        upstream = upstream or out
+    return total + own * (3 if upstream else 1), upstream

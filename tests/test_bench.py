@@ -27,8 +27,10 @@ def test_flops_agree_with_a_hand_count_and_with_xla():
     assert inference["flops_model"] == 2 * 2736
     assert inference["flops_xla"] == pytest.approx(2 * 2736, rel=0.05)
     train = bench.measure(one_conv(), batch=2, mode="train", steps=2, peak=GIVEN_PEAK)
-    assert train["flops_model"] == 3 * 2 * 2736  # forward, input gradient, weight gradient
-    assert train["flops_xla"] > train["flops_model"] * 0.5  # XLA's count of the traced step, optimizer included
+    # forward and weight gradient: no step computes the gradient of the data (shapes.training_flops)
+    assert train["flops_model"] == 2 * 2 * 2736
+    # XLA's count of the traced step, with the loss (a softmax per output position) and the optimizer
+    assert train["flops_model"] < train["flops_xla"] < train["flops_model"] * 1.5
     # the compiled program's count, beside it: on this CPU XLA compiles convolutions itself and counts them
     assert inference["flops_xla_compiled"] == pytest.approx(2 * 2736, rel=0.05)
     # where a backend has no analysis of a lowered program (GPUs), the step lowered for a CPU device counts
