@@ -360,7 +360,8 @@ def _bench(args) -> int:
                 bench.write_json_line(json_lines, row, env)
             _print_bench_row(row)
     print(bench.format_table(rows))
-    print(f"FLOPs: multiply-add = 2 in both columns; model = jaxconv's summary count x batch (x3 for training); "
+    print(f"FLOPs: multiply-add = 2 in both columns; model = jaxconv's summary count x batch (training: 3x, "
+          f"less the data's gradient); "
           f"XLA = cost_analysis() of the step's program as traced. "
           f"MFU against {rows[0]['peak_flops_per_s'] / rows[0]['devices']:.3g} FLOP/s per device "
           f"({rows[0]['peak_source']}). Memory: {rows[0]['memory_source']}.")

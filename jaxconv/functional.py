@@ -287,11 +287,70 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
                                            groups=groups)
     _check_bias(b, w.shape[-1], fn=fn)
     dtype = jnp.result_type(x, w)  # promote mixed precisions, as Flax does
-    y = lax.conv_general_dilated(
-        x.astype(dtype), w.astype(dtype), window_strides=stride, padding=pads, rhs_dilation=dilation,
-        dimension_numbers=conv_dimension_numbers(x.ndim - 2), feature_group_count=groups, precision=precision,
-    )
+    x, w = x.astype(dtype), w.astype(dtype)
+    if groups == 1 and math.prod(w.shape[:-1]) <= TAP_SUM_MAX:
+        y = _few_input_conv(x, w, stride, pads, dilation, precision)
+    else:
+        y = _xla_conv(x, w, stride, pads, dilation, groups, precision)
     return y if b is None else y + b.astype(y.dtype)
+
+
+def _xla_conv(x, w, stride, pads, dilation, groups, precision):
+    return lax.conv_general_dilated(x, w, window_strides=stride, padding=pads, rhs_dilation=dilation,
+                                    dimension_numbers=conv_dimension_numbers(x.ndim - 2), feature_group_count=groups,
+                                    precision=precision)
+
+
+# XLA:CPU's convolution is slow on few input channels: a conv that does at most this many multiply-adds per output
+# (kernel taps x input channels) is computed on a CPU as a sum of its taps, one fused loop. Forward, batch 128, on
+# the 2-core CPU (python benchmarks/few_input_channels.py): LeNet-5's first conv (5x5, 1 -> 6 channels) 5.02 ->
+# 0.42 ms, seed_cnn's (3x3, 1 -> 32) 2.93 -> 0.41 ms, ResNet-20's (3x3, 3 -> 16) 4.37 -> 1.13 ms, 3x3 3 -> 64
+# 15.7 -> 13.4 ms; past the threshold, at 5x5 x 6 -> 16 (150), the convolution is the faster (1.00 against 1.97 ms).
+TAP_SUM_MAX = 27
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _few_input_conv(x, w, stride, pads, dilation, precision):
+    """The conv of :func:`tap_sum` on a CPU and XLA's convolution elsewhere (chosen when the program is lowered for
+    its platform); the backward is the convolution's on every platform (:func:`conv_input_grad`,
+    :func:`conv_weight_grad`: autodiff of the tap sum's weight gradient is 6x slower)."""
+    return lax.platform_dependent(
+        x, w, cpu=functools.partial(tap_sum, stride=stride, pads=pads, dilation=dilation),
+        default=lambda x, w: _xla_conv(x, w, stride, pads, dilation, 1, precision))
+
+
+def _few_input_conv_fwd(x, w, stride, pads, dilation, precision):
+    return _few_input_conv(x, w, stride, pads, dilation, precision), (x, w)
+
+
+def _few_input_conv_bwd(stride, pads, dilation, precision, residuals, g):
+    x, w = residuals
+    n = x.ndim - 2
+    dx = conv_input_grad(g, w, x.shape[1:-1], stride=stride, pads=pads, dilation=dilation, groups=1,
+                         precision=precision)
+    dw = conv_weight_grad(x, g, w.shape[:n], stride=stride, pads=pads, dilation=dilation, groups=1,
+                          precision=precision)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_few_input_conv.defvjp(_few_input_conv_fwd, _few_input_conv_bwd)
+
+
+def tap_sum(x, w, *, stride, pads, dilation):
+    """``conv(x, w)`` (one group; options resolved per axis) as a sum over kernel taps and input channels of
+    a strided slice of the padded input times a row of the kernel: ``y = sum_{k,c} x_pad[.., k*D + o*S, c] w[k, c]``,
+    accumulated in float32 at least. No matrix product: what a few input channels need."""
+    n = x.ndim - 2
+    x_pad = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
+    out_spatial = output_spatial(x.shape[1:-1], pads, w.shape[:n], stride, dilation)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    y = None
+    for tap, start, limit, strides in window_slices(x_pad.shape, w.shape[:n], stride, out_spatial, dilation):
+        piece = lax.slice(x_pad, start, limit, strides).astype(acc)
+        for c in range(w.shape[-2]):
+            term = piece[..., c:c + 1] * w[(*tap, c)].astype(acc)
+            y = term if y is None else y + term
+    return y.astype(x.dtype)
 
 
 def conv_transpose_geometry(x, w, *, fn, stride, padding, output_padding, dilation, groups):
@@ -416,6 +475,18 @@ def conv_transpose_backward(g, x, w, *, stride, pads, dilation, groups, precisio
     return dx.astype(x.dtype), jnp.swapaxes(dw_c, -1, -2).astype(w.dtype)
 
 
+def conv_input_grad(g, w, in_spatial, *, stride, pads, dilation, groups, precision=None):
+    """``dx`` of a conv (options resolved per axis) for input spatial sizes ``in_spatial``: the transposed conv
+    of g, whose output_padding is the input rows the forward's floor left unread (see
+    :func:`jaxconv.grads.conv_vjp`)."""
+    n = g.ndim - 2
+    out_spatial = g.shape[1:-1]
+    dropped = [wi + lo + hi - effective_kernel(k, d) - (o - 1) * s
+               for wi, o, (lo, hi), k, s, d in zip(in_spatial, out_spatial, pads, w.shape[:n], stride, dilation)]
+    return spread_conv(g, transpose_kernel(jnp.swapaxes(w, -1, -2).astype(g.dtype), groups), stride=stride,
+                       pads=pads, output_padding=dropped, dilation=dilation, groups=groups, precision=precision)
+
+
 def conv_weight_grad(x, g, kernel, *, stride, pads, dilation, groups, precision=None):
     """``dw[k, i, c] = sum_{n,o} x_pad[n, o*S + k*D, i] g[n, o, c]`` of a conv ``x -> g``-shaped output.
 
@@ -478,14 +549,15 @@ def _full(spatial):
     return (1,) + tuple(spatial) + (1,)
 
 
-def window_slices(padded_shape, window, stride, out_spatial):
+def window_slices(padded_shape, window, stride, out_spatial, dilation=None):
     """For each window offset, in row-major order: ``(offset, start, limit, strides)`` of the strided
-    slice of the padded input that this offset of every window reads."""
+    slice of the padded input that this offset of every window reads (offset k at ``k * dilation``)."""
     n_batch, *_, c = padded_shape
+    dilation = dilation or (1,) * len(window)
     for offset in np.ndindex(*window):
-        start = (0, *offset, 0)
-        limit = (n_batch, *[o + s * (m - 1) + 1 for o, s, m in zip(offset, stride, out_spatial)], c)
-        yield offset, start, limit, (1, *stride, 1)
+        first = [k * d for k, d in zip(offset, dilation)]
+        limit = (n_batch, *[f + s * (m - 1) + 1 for f, s, m in zip(first, stride, out_spatial)], c)
+        yield offset, (0, *first, 0), limit, (1, *stride, 1)
 
 
 def output_spatial(in_spatial, pads, window, stride, dilation=None):

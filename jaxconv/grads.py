@@ -85,10 +85,8 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     out_spatial = F.output_spatial(in_spatial, pads, w.shape[:n], stride, dilation)
     _check_g(g, (x.shape[0], *out_spatial, w.shape[-1]), fn=fn)
     # dx: the transposed convolution of g, its output_padding the input rows the forward's floor dropped.
-    dropped = [wi + lo + hi - F.effective_kernel(k, d) - (o - 1) * s
-               for wi, o, (lo, hi), k, s, d in zip(in_spatial, out_spatial, pads, w.shape[:n], stride, dilation)]
-    dx = F.spread_conv(g, F.transpose_kernel(jnp.swapaxes(w, -1, -2).astype(g.dtype), groups), stride=stride,
-                       pads=pads, output_padding=dropped, dilation=dilation, groups=groups, precision=precision)
+    dx = F.conv_input_grad(g, w, in_spatial, stride=stride, pads=pads, dilation=dilation, groups=groups,
+                           precision=precision)
     dw = F.conv_weight_grad(x, g.astype(x.dtype), w.shape[:n], stride=stride, pads=pads, dilation=dilation,
                             groups=groups, precision=precision)
     db = jnp.sum(g, axis=tuple(range(g.ndim - 1)))

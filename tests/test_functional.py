@@ -1,4 +1,5 @@
 """Forward ops against the seeds' worked numbers, a NumPy loop, PyTorch, and their error messages."""
+import math
 import re
 
 import jax
@@ -330,3 +331,51 @@ def test_label_range_not_checked_under_jit():
     # Traced labels have no values at trace time; the check applies only when they are concrete.
     f = jax.jit(lambda z, y: F.cross_entropy(z, y))
     assert np.isfinite(float(f(jnp.zeros((2, 3)), jnp.array([0, 2]))))
+
+
+@pytest.mark.x64  # float64 against the NumPy loop and lax's convolution at 1e-12
+def test_few_input_channels_sum_their_taps_and_keep_the_convolutions_gradients(rng, monkeypatch):
+    """A conv of at most TAP_SUM_MAX multiply-adds per output runs on a CPU as a sum of taps (no convolution in
+    the forward program), with stride, dilation and uneven padding on 1-3 spatial axes; its values equal the
+    direct loop's and its gradients lax.conv_general_dilated's, computed by convolutions."""
+    from jax import lax
+    worst, ran = 0.0, 0
+    while ran < 40:
+        n_sp = 1 + ran % 3
+        c_in = int(rng.integers(1, 4))
+        kernel = tuple(int(k) for k in rng.integers(1, 4, n_sp))
+        if math.prod(kernel) * c_in > F.TAP_SUM_MAX:
+            continue
+        stride, dilation = (tuple(int(v) for v in rng.integers(1, 3, n_sp)) for _ in range(2))
+        pads = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (n_sp, 2)))
+        size = tuple(int(v) for v in rng.integers(5, 9, n_sp))
+        if any(R.out_size(s, *p, k, st, d) < 1 for s, p, k, st, d in zip(size, pads, kernel, stride, dilation)):
+            continue
+        x = rng.normal(size=(2, *size, c_in))
+        w = rng.normal(size=(*kernel, c_in, int(rng.integers(1, 5))))
+        opts = dict(stride=stride, padding=pads, dilation=dilation)
+        got, vjp = jax.vjp(lambda x, w: F.conv(x, w, **opts), jnp.asarray(x), jnp.asarray(w))
+        want, want_vjp = jax.vjp(lambda x, w: lax.conv_general_dilated(
+            x, w, stride, pads, rhs_dilation=dilation, dimension_numbers=F.conv_dimension_numbers(n_sp)), x, w)
+        g = jnp.asarray(rng.normal(size=want.shape))
+        loop = R.conv(x, w, None, stride, pads, dilation, 1)
+        worst = max(worst, rel_err(got, loop), rel_err(want, loop),
+                    *(rel_err(a, b) for a, b in zip(vjp(g), want_vjp(g))))
+        ran += 1
+    assert worst <= 1e-12, worst
+
+    x, w = jnp.ones((4, 12, 12, 3)), jnp.ones((3, 3, 3, 8))
+    forward = jax.jit(lambda x, w: F.conv(x, w, padding=1)).lower(x, w).compile().as_text()
+    backward = jax.jit(jax.grad(lambda w, x: F.conv(x, w, padding=1).sum())).lower(w, x).compile().as_text()
+    assert " convolution(" not in forward and " convolution(" in backward
+    monkeypatch.setattr(F, "TAP_SUM_MAX", 26)  # one multiply-add short: XLA's convolution
+    assert " convolution(" in jax.jit(lambda x, w: F.conv(x, w, padding=1)).lower(x, w).compile().as_text()
+
+
+def test_a_bfloat16_tap_sum_accumulates_in_float32(rng):
+    x = jnp.asarray(rng.normal(size=(2, 10, 10, 3)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.bfloat16)
+    got = F.conv(x, w, padding=1)
+    exact = F.conv(x.astype(jnp.float32), w.astype(jnp.float32), padding=1)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(exact.astype(jnp.bfloat16), np.float32))
