@@ -288,8 +288,8 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
     _check_bias(b, w.shape[-1], fn=fn)
     dtype = jnp.result_type(x, w)  # promote mixed precisions, as Flax does
     x, w = x.astype(dtype), w.astype(dtype)
-    if groups == 1 and math.prod(w.shape[:-1]) <= TAP_SUM_MAX:
-        y = _few_input_conv(x, w, stride, pads, dilation, precision)
+    if groups == 1 and (math.prod(w.shape[:-1]) <= TAP_SUM_MAX or w.shape[-2] <= SCATTER_MAX_CHANNELS):
+        y = _few_channel_conv(x, w, stride, pads, dilation, precision)
     else:
         y = _xla_conv(x, w, stride, pads, dilation, groups, precision)
     return y if b is None else y + b.astype(y.dtype)
@@ -301,39 +301,73 @@ def _xla_conv(x, w, stride, pads, dilation, groups, precision):
                                     precision=precision)
 
 
-# XLA:CPU's convolution is slow on few input channels: a conv that does at most this many multiply-adds per output
-# (kernel taps x input channels) is computed on a CPU as a sum of its taps, one fused loop. Forward, batch 128, on
-# the 2-core CPU (python benchmarks/few_input_channels.py): LeNet-5's first conv (5x5, 1 -> 6 channels) 5.02 ->
-# 0.42 ms, seed_cnn's (3x3, 1 -> 32) 2.93 -> 0.41 ms, ResNet-20's (3x3, 3 -> 16) 4.37 -> 1.13 ms, 3x3 3 -> 64
-# 15.7 -> 13.4 ms; past the threshold, at 5x5 x 6 -> 16 (150), the convolution is the faster (1.00 against 1.97 ms).
+# XLA:CPU's convolution is slow where a conv has few input channels. On a CPU (python benchmarks/few_channels.py,
+# batch 128, the 2-core CPU):
+# - a conv of at most TAP_SUM_MAX multiply-adds per output (kernel taps x input channels) is a sum of its taps, one
+#   fused loop: LeNet-5's first conv (5x5, 1 -> 6 channels) 5.02 -> 0.42 ms, seed_cnn's (3x3, 1 -> 32) 2.93 -> 0.41
+#   ms, ResNet-20's (3x3, 3 -> 16) 4.37 -> 1.13 ms, 3x3 3 -> 64 15.7 -> 13.4 ms; past it, at 5x5 x 6 -> 16 (150),
+#   the convolution is the faster (1.00 against 1.97 ms);
+# - the input gradient of a conv with at most SCATTER_MAX_CHANNELS input channels is a matrix product and a sum of
+#   its taps' pieces spread back over the input (conv_input_scatter): LeNet-5's second conv (5x5, 6 -> 16 channels)
+#   6.50 -> 3.87 ms; at 16 input channels (5x5, 16 -> 20) the convolution is 4.5x faster.
 TAP_SUM_MAX = 27
+SCATTER_MAX_CHANNELS = 8
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _few_input_conv(x, w, stride, pads, dilation, precision):
-    """The conv of :func:`tap_sum` on a CPU and XLA's convolution elsewhere (chosen when the program is lowered for
-    its platform); the backward is the convolution's on every platform (:func:`conv_input_grad`,
-    :func:`conv_weight_grad`: autodiff of the tap sum's weight gradient is 6x slower)."""
-    return lax.platform_dependent(
-        x, w, cpu=functools.partial(tap_sum, stride=stride, pads=pads, dilation=dilation),
-        default=lambda x, w: _xla_conv(x, w, stride, pads, dilation, 1, precision))
+def _few_channel_conv(x, w, stride, pads, dilation, precision):
+    """A one-group conv with few input channels: on a CPU its forward is :func:`tap_sum` where the taps are few, its
+    input gradient :func:`conv_input_scatter` where the channels are (chosen when the program is lowered for its
+    platform: other platforms run the convolution); the weight gradient is the convolution's
+    (:func:`conv_weight_grad`: autodiff of the tap sum's is 6x slower)."""
+    def xla(x, w):
+        return _xla_conv(x, w, stride, pads, dilation, 1, precision)
+    if math.prod(w.shape[:-1]) > TAP_SUM_MAX:
+        return xla(x, w)
+    return lax.platform_dependent(x, w, cpu=functools.partial(tap_sum, stride=stride, pads=pads, dilation=dilation),
+                                  default=xla)
 
 
-def _few_input_conv_fwd(x, w, stride, pads, dilation, precision):
-    return _few_input_conv(x, w, stride, pads, dilation, precision), (x, w)
+def _few_channel_conv_fwd(x, w, stride, pads, dilation, precision):
+    return _few_channel_conv(x, w, stride, pads, dilation, precision), (x, w)
 
 
-def _few_input_conv_bwd(stride, pads, dilation, precision, residuals, g):
+def _few_channel_conv_bwd(stride, pads, dilation, precision, residuals, g):
     x, w = residuals
     n = x.ndim - 2
-    dx = conv_input_grad(g, w, x.shape[1:-1], stride=stride, pads=pads, dilation=dilation, groups=1,
-                         precision=precision)
-    dw = conv_weight_grad(x, g, w.shape[:n], stride=stride, pads=pads, dilation=dilation, groups=1,
-                          precision=precision)
+    options = dict(stride=stride, pads=pads, dilation=dilation)
+
+    def conv_dx(g, w):
+        return conv_input_grad(g, w, x.shape[1:-1], groups=1, precision=precision, **options)
+    if w.shape[-2] <= SCATTER_MAX_CHANNELS:
+        dx = lax.platform_dependent(g, w, cpu=lambda g, w: conv_input_scatter(
+            g, w, x.shape[1:-1], precision=precision, **options), default=conv_dx)
+    else:
+        dx = conv_dx(g, w)
+    dw = conv_weight_grad(x, g, w.shape[:n], groups=1, precision=precision, **options)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-_few_input_conv.defvjp(_few_input_conv_fwd, _few_input_conv_bwd)
+_few_channel_conv.defvjp(_few_channel_conv_fwd, _few_channel_conv_bwd)
+
+
+def conv_input_scatter(g, w, in_spatial, *, stride, pads, dilation, precision=None):
+    """``dx`` of a one-group conv (options resolved per axis) as ``g @ w^T`` - per output position, what each tap
+    sends back to each input channel - then each tap's piece spread out by the stride and shifted to where the tap
+    read (``lax.pad``: interior S - 1, low ``k*D - P_lo``; negative pads crop) and summed. No convolution: what a
+    few input channels need."""
+    n = g.ndim - 2
+    kernel, out_spatial = w.shape[:n], g.shape[1:-1]
+    cols = jnp.matmul(g.reshape(-1, w.shape[-1]), w.reshape(-1, w.shape[-1]).T.astype(g.dtype), precision=precision)
+    cols = cols.reshape(*g.shape[:-1], *kernel, w.shape[-2])
+    dx = None
+    for tap in np.ndindex(*kernel):
+        first = [k * d - lo for k, d, (lo, _) in zip(tap, dilation, pads)]
+        config = [(f, size - f - (o - 1) * s - 1, s - 1) for f, size, o, s in zip(first, in_spatial, out_spatial, stride)]
+        piece = cols[(slice(None),) * (n + 1) + tap]
+        term = lax.pad(piece, jnp.zeros((), piece.dtype), [(0, 0, 0), *config, (0, 0, 0)])
+        dx = term if dx is None else dx + term
+    return dx
 
 
 def tap_sum(x, w, *, stride, pads, dilation):

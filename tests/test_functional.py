@@ -334,23 +334,23 @@ def test_label_range_not_checked_under_jit():
 
 
 @pytest.mark.x64  # float64 against the NumPy loop and lax's convolution at 1e-12
-def test_few_input_channels_sum_their_taps_and_keep_the_convolutions_gradients(rng, monkeypatch):
-    """A conv of at most TAP_SUM_MAX multiply-adds per output runs on a CPU as a sum of taps (no convolution in
-    the forward program), with stride, dilation and uneven padding on 1-3 spatial axes; its values equal the
-    direct loop's and its gradients lax.conv_general_dilated's, computed by convolutions."""
+def test_few_input_channels_skip_the_convolution_on_a_cpu_and_keep_its_numbers(rng, monkeypatch):
+    """One-group convs with few input channels, on 1-3 spatial axes with stride, dilation and uneven padding: a
+    CPU sums the taps of a forward of at most TAP_SUM_MAX multiply-adds per output, and computes the input gradient
+    of at most SCATTER_MAX_CHANNELS input channels as a product spread back over the input. Values equal the direct
+    loop's and gradients lax.conv_general_dilated's."""
     from jax import lax
-    worst, ran = 0.0, 0
-    while ran < 40:
+    worst, ran, paths = 0.0, 0, set()
+    while ran < 60:
         n_sp = 1 + ran % 3
-        c_in = int(rng.integers(1, 4))
+        c_in = int(rng.integers(1, F.SCATTER_MAX_CHANNELS + 1))
         kernel = tuple(int(k) for k in rng.integers(1, 4, n_sp))
-        if math.prod(kernel) * c_in > F.TAP_SUM_MAX:
-            continue
         stride, dilation = (tuple(int(v) for v in rng.integers(1, 3, n_sp)) for _ in range(2))
         pads = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (n_sp, 2)))
         size = tuple(int(v) for v in rng.integers(5, 9, n_sp))
         if any(R.out_size(s, *p, k, st, d) < 1 for s, p, k, st, d in zip(size, pads, kernel, stride, dilation)):
             continue
+        paths.add(math.prod(kernel) * c_in <= F.TAP_SUM_MAX)
         x = rng.normal(size=(2, *size, c_in))
         w = rng.normal(size=(*kernel, c_in, int(rng.integers(1, 5))))
         opts = dict(stride=stride, padding=pads, dilation=dilation)
@@ -363,13 +363,23 @@ def test_few_input_channels_sum_their_taps_and_keep_the_convolutions_gradients(r
                     *(rel_err(a, b) for a, b in zip(vjp(g), want_vjp(g))))
         ran += 1
     assert worst <= 1e-12, worst
+    assert paths == {True, False}  # tap sums and convolutions both ran forward
 
-    x, w = jnp.ones((4, 12, 12, 3)), jnp.ones((3, 3, 3, 8))
-    forward = jax.jit(lambda x, w: F.conv(x, w, padding=1)).lower(x, w).compile().as_text()
-    backward = jax.jit(jax.grad(lambda w, x: F.conv(x, w, padding=1).sum())).lower(w, x).compile().as_text()
-    assert " convolution(" not in forward and " convolution(" in backward
+    def ops(fn, *args):
+        return jax.jit(fn).lower(*args).compile().as_text()
+    x, w = jnp.ones((4, 12, 12, 3)), jnp.ones((3, 3, 3, 8))  # 27 multiply-adds per output, 3 input channels
+    forward = ops(lambda x, w: F.conv(x, w, padding=1), x, w)
+    input_grad = ops(jax.grad(lambda x, w: F.conv(x, w, padding=1).sum()), x, w)
+    weight_grad = ops(jax.grad(lambda w, x: F.conv(x, w, padding=1).sum()), w, x)
+    assert " convolution(" not in forward and " convolution(" not in input_grad and " convolution(" in weight_grad
+    wide = jnp.ones((3, 3, 8, 8))  # 8 input channels: the forward convolves, the input gradient scatters
+    assert " convolution(" in ops(lambda x, w: F.conv(x, w, padding=1), jnp.ones((4, 12, 12, 8)), wide)
+    assert " convolution(" not in ops(jax.grad(lambda x, w: F.conv(x, w, padding=1).sum()), jnp.ones((4, 12, 12, 8)),
+                                      wide)
     monkeypatch.setattr(F, "TAP_SUM_MAX", 26)  # one multiply-add short: XLA's convolution
-    assert " convolution(" in jax.jit(lambda x, w: F.conv(x, w, padding=1)).lower(x, w).compile().as_text()
+    monkeypatch.setattr(F, "SCATTER_MAX_CHANNELS", 2)
+    assert " convolution(" in ops(lambda x, w: F.conv(x, w, padding=1), x, w)
+    assert " convolution(" in ops(jax.grad(lambda x, w: F.conv(x, w, padding=1).sum()), x, w)
 
 
 def test_a_bfloat16_tap_sum_accumulates_in_float32(rng):
