@@ -1,8 +1,9 @@
 """Convolutions with few input channels: XLA's convolution against what ``functional.conv`` runs on a CPU
 instead, side by side in one run, alternating, medians. Forward: the sum of taps (``functional.tap_sum``, at most
 ``TAP_SUM_MAX`` multiply-adds per output), on the registered models' first layers and two past the threshold.
-Input gradient: the product spread back over the input (``functional.conv_input_scatter``, at most
-``SCATTER_MAX_CHANNELS`` input channels), on LeNet-5's second conv, a first layer's (a saliency map) and two past.
+Input gradient: the product spread back over the input (reverse mode's transpose of ``functional.patch_matmul``,
+at most ``SCATTER_MAX_CHANNELS`` input channels), on LeNet-5's second conv, a first layer's (a saliency map) and
+two past.
 
     python benchmarks/few_channels.py [--batch 128] [--rounds 15]
 """
@@ -64,7 +65,8 @@ def main():
         out = F.output_spatial(size, options["pads"], kernel, options["stride"])
         g = jax.random.normal(jax.random.key(2), (args.batch, *out, c_out))
         xla = compiler.jit(lambda g, w, o=options, s=size: F.conv_input_grad(g, w, s, groups=1, **o))
-        scatter = compiler.jit(lambda g, w, o=options, s=size: F.conv_input_scatter(g, w, s, **o))
+        x = jax.numpy.zeros((args.batch, *size, c_in))
+        scatter = compiler.jit(lambda g, w, o=options, x=x: jax.vjp(lambda x: F.patch_matmul(x, w, **o), x)[1](g)[0])
         a, b = np.asarray(xla(g, w)), np.asarray(scatter(g, w))
         grad_rows.append((what, c_in, float(np.abs(a - b).max() / np.abs(a).max())))
         runs[(what, "dx xla")] = lambda f=xla, g=g, w=w: jax.block_until_ready(f(g, w))

@@ -304,22 +304,24 @@ def _xla_conv(x, w, stride, pads, dilation, groups, precision):
 # XLA:CPU's convolution is slow where a conv has few input channels. On a CPU (python benchmarks/few_channels.py,
 # batch 128, the 2-core CPU):
 # - a conv of at most TAP_SUM_MAX multiply-adds per output (kernel taps x input channels) is a sum of its taps, one
-#   fused loop: LeNet-5's first conv (5x5, 1 -> 6 channels) 5.02 -> 0.42 ms, seed_cnn's (3x3, 1 -> 32) 2.93 -> 0.41
-#   ms, ResNet-20's (3x3, 3 -> 16) 4.37 -> 1.13 ms, 3x3 3 -> 64 15.7 -> 13.4 ms; past it, at 5x5 x 6 -> 16 (150),
-#   the convolution is the faster (1.00 against 1.97 ms);
+#   fused loop: LeNet-5's first conv (5x5, 1 -> 6 channels) 5.32 -> 0.54 ms, seed_cnn's (3x3, 1 -> 32) 3.21 -> 0.61
+#   ms, ResNet-20's (3x3, 3 -> 16) 4.48 -> 1.55 ms, 3x3 3 -> 64 16.7 -> 14.8 ms; past it, at 5x5 x 6 -> 16 (150),
+#   the convolution is the faster (1.04 against 2.02 ms);
 # - the input gradient of a conv with at most SCATTER_MAX_CHANNELS input channels is a matrix product and a sum of
-#   its taps' pieces spread back over the input (conv_input_scatter): LeNet-5's second conv (5x5, 6 -> 16 channels)
-#   6.50 -> 3.87 ms; at 16 input channels (5x5, 16 -> 20) the convolution is 4.5x faster.
+#   its taps' pieces spread back over the input (the transpose of patch_matmul): LeNet-5's second conv (5x5,
+#   6 -> 16 channels) 3.32 -> 2.44 ms; at 16 input channels (5x5, 16 -> 20) the convolution is 4x faster.
 TAP_SUM_MAX = 27
 SCATTER_MAX_CHANNELS = 8
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def _few_channel_conv(x, w, stride, pads, dilation, precision):
-    """A one-group conv with few input channels: on a CPU its forward is :func:`tap_sum` where the taps are few, its
-    input gradient :func:`conv_input_scatter` where the channels are (chosen when the program is lowered for its
-    platform: other platforms run the convolution); the weight gradient is the convolution's
-    (:func:`conv_weight_grad`: autodiff of the tap sum's is 6x slower)."""
+    """A one-group conv with few input channels. On a CPU its forward is :func:`tap_sum` where the taps are few;
+    its derivative (the JVP rule below) is linear in the tangents and written so that reverse mode, which
+    transposes it, gets fast programs: the input gradient transposes :func:`patch_matmul` where the channels are
+    few (a product spread back over the input) and XLA's convolution elsewhere; the weight gradient transposes XLA's
+    convolution (autodiff of the tap sum's weight gradient is 6x slower). Chosen when the program is lowered for its
+    platform; other platforms run the convolution throughout. Forward mode (``jax.jvp``) works as for any op."""
     def xla(x, w):
         return _xla_conv(x, w, stride, pads, dilation, 1, precision)
     if math.prod(w.shape[:-1]) > TAP_SUM_MAX:
@@ -328,46 +330,34 @@ def _few_channel_conv(x, w, stride, pads, dilation, precision):
                                   default=xla)
 
 
-def _few_channel_conv_fwd(x, w, stride, pads, dilation, precision):
-    return _few_channel_conv(x, w, stride, pads, dilation, precision), (x, w)
+@_few_channel_conv.defjvp
+def _few_channel_conv_jvp(stride, pads, dilation, precision, primals, tangents):
+    x, w = primals
+    dx, dw = tangents
 
-
-def _few_channel_conv_bwd(stride, pads, dilation, precision, residuals, g):
-    x, w = residuals
-    n = x.ndim - 2
-    options = dict(stride=stride, pads=pads, dilation=dilation)
-
-    def conv_dx(g, w):
-        return conv_input_grad(g, w, x.shape[1:-1], groups=1, precision=precision, **options)
+    def xla(x, w):
+        return _xla_conv(x, w, stride, pads, dilation, 1, precision)
     if w.shape[-2] <= SCATTER_MAX_CHANNELS:
-        dx = lax.platform_dependent(g, w, cpu=lambda g, w: conv_input_scatter(
-            g, w, x.shape[1:-1], precision=precision, **options), default=conv_dx)
+        along_x = lax.platform_dependent(dx, w, cpu=functools.partial(
+            patch_matmul, stride=stride, pads=pads, dilation=dilation, precision=precision), default=xla)
     else:
-        dx = conv_dx(g, w)
-    dw = conv_weight_grad(x, g, w.shape[:n], groups=1, precision=precision, **options)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+        along_x = xla(dx, w)
+    return _few_channel_conv(x, w, stride, pads, dilation, precision), along_x + xla(x, dw)
 
 
-_few_channel_conv.defvjp(_few_channel_conv_fwd, _few_channel_conv_bwd)
-
-
-def conv_input_scatter(g, w, in_spatial, *, stride, pads, dilation, precision=None):
-    """``dx`` of a one-group conv (options resolved per axis) as ``g @ w^T`` - per output position, what each tap
-    sends back to each input channel - then each tap's piece spread out by the stride and shifted to where the tap
-    read (``lax.pad``: interior S - 1, low ``k*D - P_lo``; negative pads crop) and summed. No convolution: what a
-    few input channels need."""
-    n = g.ndim - 2
-    kernel, out_spatial = w.shape[:n], g.shape[1:-1]
-    cols = jnp.matmul(g.reshape(-1, w.shape[-1]), w.reshape(-1, w.shape[-1]).T.astype(g.dtype), precision=precision)
-    cols = cols.reshape(*g.shape[:-1], *kernel, w.shape[-2])
-    dx = None
-    for tap in np.ndindex(*kernel):
-        first = [k * d - lo for k, d, (lo, _) in zip(tap, dilation, pads)]
-        config = [(f, size - f - (o - 1) * s - 1, s - 1) for f, size, o, s in zip(first, in_spatial, out_spatial, stride)]
-        piece = cols[(slice(None),) * (n + 1) + tap]
-        term = lax.pad(piece, jnp.zeros((), piece.dtype), [(0, 0, 0), *config, (0, 0, 0)])
-        dx = term if dx is None else dx + term
-    return dx
+def patch_matmul(x, w, *, stride, pads, dilation, precision=None):
+    """``conv(x, w)`` (one group; options resolved per axis) as one matrix product of the input's patches
+    ``[N * O, taps * C_in]`` with the kernel ``[taps * C_in, C_out]``. Its transpose in x, which reverse mode
+    derives, is the input gradient a few input channels need: ``g @ w^T``, each tap's piece spread out by the
+    stride (a slice's transpose: ``lax.pad`` with interior S - 1) and summed; no convolution."""
+    n = x.ndim - 2
+    x_pad = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
+    out_spatial = output_spatial(x.shape[1:-1], pads, w.shape[:n], stride, dilation)
+    patches = jnp.stack([lax.slice(x_pad, start, limit, strides) for _, start, limit, strides
+                         in window_slices(x_pad.shape, w.shape[:n], stride, out_spatial, dilation)], axis=-2)
+    y = jnp.matmul(patches.reshape(-1, math.prod(w.shape[:-1])), w.reshape(-1, w.shape[-1]),
+                   precision=precision)
+    return y.reshape(x.shape[0], *out_spatial, w.shape[-1])
 
 
 def tap_sum(x, w, *, stride, pads, dilation):

@@ -337,8 +337,8 @@ def test_label_range_not_checked_under_jit():
 def test_few_input_channels_skip_the_convolution_on_a_cpu_and_keep_its_numbers(rng, monkeypatch):
     """One-group convs with few input channels, on 1-3 spatial axes with stride, dilation and uneven padding: a
     CPU sums the taps of a forward of at most TAP_SUM_MAX multiply-adds per output, and computes the input gradient
-    of at most SCATTER_MAX_CHANNELS input channels as a product spread back over the input. Values equal the direct
-    loop's and gradients lax.conv_general_dilated's."""
+    of at most SCATTER_MAX_CHANNELS input channels as a product spread back over the input. Values and forward-mode
+    derivatives (jax.jvp) equal the direct loop's, gradients lax.conv_general_dilated's."""
     from jax import lax
     worst, ran, paths = 0.0, 0, set()
     while ran < 60:
@@ -359,7 +359,11 @@ def test_few_input_channels_skip_the_convolution_on_a_cpu_and_keep_its_numbers(r
             x, w, stride, pads, rhs_dilation=dilation, dimension_numbers=F.conv_dimension_numbers(n_sp)), x, w)
         g = jnp.asarray(rng.normal(size=want.shape))
         loop = R.conv(x, w, None, stride, pads, dilation, 1)
+        tangents = (jnp.asarray(rng.normal(size=x.shape)), jnp.asarray(rng.normal(size=w.shape)))
+        _, forward_mode = jax.jvp(lambda x, w: F.conv(x, w, **opts), (jnp.asarray(x), jnp.asarray(w)), tangents)
         worst = max(worst, rel_err(got, loop), rel_err(want, loop),
+                    rel_err(forward_mode, R.conv(np.asarray(tangents[0]), w, None, stride, pads, dilation, 1)
+                            + R.conv(x, np.asarray(tangents[1]), None, stride, pads, dilation, 1)),
                     *(rel_err(a, b) for a, b in zip(vjp(g), want_vjp(g))))
         ran += 1
     assert worst <= 1e-12, worst
