@@ -12,6 +12,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxconv import compiler
@@ -65,7 +66,7 @@ def main():
         out = F.output_spatial(size, options["pads"], kernel, options["stride"])
         g = jax.random.normal(jax.random.key(2), (args.batch, *out, c_out))
         xla = compiler.jit(lambda g, w, o=options, s=size: F.conv_input_grad(g, w, s, groups=1, **o))
-        x = jax.numpy.zeros((args.batch, *size, c_in))
+        x = jnp.zeros((args.batch, *size, c_in))
         scatter = compiler.jit(lambda g, w, o=options, x=x: jax.vjp(lambda x: F.patch_matmul(x, w, **o), x)[1](g)[0])
         a, b = np.asarray(xla(g, w)), np.asarray(scatter(g, w))
         grad_rows.append((what, c_in, float(np.abs(a - b).max() / np.abs(a).max())))

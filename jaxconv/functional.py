@@ -350,11 +350,8 @@ def patch_matmul(x, w, *, stride, pads, dilation, precision=None):
     ``[N * O, taps * C_in]`` with the kernel ``[taps * C_in, C_out]``. Its transpose in x, which reverse mode
     derives, is the input gradient a few input channels need: ``g @ w^T``, each tap's piece spread out by the
     stride (a slice's transpose: ``lax.pad`` with interior S - 1) and summed; no convolution."""
-    n = x.ndim - 2
-    x_pad = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
-    out_spatial = output_spatial(x.shape[1:-1], pads, w.shape[:n], stride, dilation)
-    patches = jnp.stack([lax.slice(x_pad, start, limit, strides) for _, start, limit, strides
-                         in window_slices(x_pad.shape, w.shape[:n], stride, out_spatial, dilation)], axis=-2)
+    out_spatial, pieces = window_pieces(x, w.shape[:x.ndim - 2], stride=stride, pads=pads, dilation=dilation)
+    patches = jnp.stack([piece for _, piece in pieces], axis=-2)
     y = jnp.matmul(patches.reshape(-1, math.prod(w.shape[:-1])), w.reshape(-1, w.shape[-1]),
                    precision=precision)
     return y.reshape(x.shape[0], *out_spatial, w.shape[-1])
@@ -364,13 +361,11 @@ def tap_sum(x, w, *, stride, pads, dilation):
     """``conv(x, w)`` (one group; options resolved per axis) as a sum over kernel taps and input channels of
     a strided slice of the padded input times a row of the kernel: ``y = sum_{k,c} x_pad[.., k*D + o*S, c] w[k, c]``,
     accumulated in float32 at least. No matrix product: what a few input channels need."""
-    n = x.ndim - 2
-    x_pad = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
-    out_spatial = output_spatial(x.shape[1:-1], pads, w.shape[:n], stride, dilation)
     acc = jnp.promote_types(x.dtype, jnp.float32)
+    _, pieces = window_pieces(x, w.shape[:x.ndim - 2], stride=stride, pads=pads, dilation=dilation)
     y = None
-    for tap, start, limit, strides in window_slices(x_pad.shape, w.shape[:n], stride, out_spatial, dilation):
-        piece = lax.slice(x_pad, start, limit, strides).astype(acc)
+    for tap, piece in pieces:
+        piece = piece.astype(acc)
         for c in range(w.shape[-2]):
             term = piece[..., c:c + 1] * w[(*tap, c)].astype(acc)
             y = term if y is None else y + term
@@ -584,6 +579,16 @@ def window_slices(padded_shape, window, stride, out_spatial, dilation=None):
         yield offset, (0, *first, 0), limit, (1, *stride, 1)
 
 
+def window_pieces(x, window, *, stride, pads, dilation=None, fill=0):
+    """``(out_spatial, [(offset, piece), ...])``: x padded by ``pads`` with ``fill``, and for each window offset
+    k, in row-major order, the strided slice every window reads there: ``piece[n, o, c] = x_pad[n, o*S + k*D, c]``
+    (what pools and the few-channel convs combine)."""
+    x_pad = lax.pad(x, np.array(fill, x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
+    out_spatial = output_spatial(x.shape[1:-1], pads, window, stride, dilation)
+    return out_spatial, [(offset, lax.slice(x_pad, start, limit, strides)) for offset, start, limit, strides
+                         in window_slices(x_pad.shape, window, stride, out_spatial, dilation)]
+
+
 def output_spatial(in_spatial, pads, window, stride, dilation=None):
     """Per-axis output sizes: ``floor((W + P_lo + P_hi - M) / S) + 1``, ``M = K + (K-1)(D-1)``."""
     dilation = dilation or (1,) * len(window)
@@ -617,11 +622,8 @@ def max_pool(x, window, *, stride=None, padding: Padding = "VALID"):
     """
     window, stride, pads = pool_geometry(x, window, fn="max_pool", stride=stride, padding=padding)
     low = -np.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
-    x_pad = jnp.pad(x, ((0, 0),) + pads + ((0, 0),), constant_values=np.array(low, x.dtype))
-    out_spatial = output_spatial(x.shape[1:-1], pads, window, stride)
-    slices = [lax.slice(x_pad, start, limit, strides)
-              for _, start, limit, strides in window_slices(x_pad.shape, window, stride, out_spatial)]
-    return running_max(slices)[0]
+    _, pieces = window_pieces(x, window, stride=stride, pads=pads, fill=low)
+    return running_max([piece for _, piece in pieces])[0]
 
 
 def running_max(slices):
