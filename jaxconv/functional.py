@@ -288,8 +288,8 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
     _check_bias(b, w.shape[-1], fn=fn)
     dtype = jnp.result_type(x, w)  # promote mixed precisions, as Flax does
     x, w = x.astype(dtype), w.astype(dtype)
-    if groups == 1 and (math.prod(w.shape[:-1]) <= TAP_SUM_MAX or w.shape[-2] <= SCATTER_MAX_CHANNELS):
-        y = _few_channel_conv(x, w, stride, pads, dilation, precision)
+    if groups == 1 and any(cpu_kernels(x.shape, w.shape, stride, pads, dilation)):
+        y = _cpu_conv(x, w, stride, pads, dilation, precision)
     else:
         y = _xla_conv(x, w, stride, pads, dilation, groups, precision)
     return y if b is None else y + b.astype(y.dtype)
@@ -301,48 +301,65 @@ def _xla_conv(x, w, stride, pads, dilation, groups, precision):
                                     precision=precision)
 
 
-# XLA:CPU's convolution is slow where a conv has few input channels. On a CPU (python benchmarks/few_channels.py,
-# batch 128, the 2-core CPU):
-# - a conv of at most TAP_SUM_MAX multiply-adds per output (kernel taps x input channels) is a sum of its taps, one
-#   fused loop: LeNet-5's first conv (5x5, 1 -> 6 channels) 5.32 -> 0.54 ms, seed_cnn's (3x3, 1 -> 32) 3.21 -> 0.61
-#   ms, ResNet-20's (3x3, 3 -> 16) 4.48 -> 1.55 ms, 3x3 3 -> 64 16.7 -> 14.8 ms; past it, at 5x5 x 6 -> 16 (150),
-#   the convolution is the faster (1.04 against 2.02 ms);
-# - the input gradient of a conv with at most SCATTER_MAX_CHANNELS input channels is a matrix product and a sum of
-#   its taps' pieces spread back over the input (the transpose of patch_matmul): LeNet-5's second conv (5x5,
-#   6 -> 16 channels) 3.32 -> 2.44 ms; at 16 input channels (5x5, 16 -> 20) the convolution is 4x faster.
+# Where XLA:CPU's convolution is slow, a CPU runs something else (python benchmarks/few_channels.py and
+# benchmarks/cpu_convs.py, batch 128 or 16, the 2-core CPU); cpu_kernels says which part of a one-group conv:
+# - forward: a conv of at most TAP_SUM_MAX multiply-adds per output (kernel taps x input channels) is a sum of its
+#   taps, one fused loop: LeNet-5's first conv (5x5, 1 -> 6 channels) 5.32 -> 0.54 ms, seed_cnn's (3x3, 1 -> 32)
+#   3.21 -> 0.61 ms, ResNet-20's (3x3, 3 -> 16) 4.48 -> 1.55 ms; past it, at 5x5 x 6 -> 16 (150), the convolution
+#   is the faster (1.04 against 2.02 ms);
+# - input gradient: the transpose of patch_matmul (g @ w^T, each tap's piece spread back over the input) where the
+#   input channels are at most SCATTER_MAX_CHANNELS (LeNet-5's second conv, 6 channels, 3.32 -> 2.44 ms; at 16
+#   channels and stride 1 the convolution is 4x faster), or where XLA's transposed convolution would visit at
+#   least SCATTER_MIN_RATIO input positions per output position, i.e. spend that many multiply-adds per useful one
+#   (stride 2: 4; a VALID 3x3 on 12x12: 1.44): CIFAR ResNet-18's 3x3 stride-2 conv 95.8 -> 58.9 ms, ResNet-20's
+#   7.86 -> 3.76 ms, mnist_cnn's third conv (5x5 -> 3x3) 3.17 -> 1.43 ms; at a ratio of 1 it loses everywhere;
+# - weight gradient of a kernel of at most DOT_WEIGHT_GRAD_MAX_TAPS taps (1x1): the transpose of patch_matmul, one
+#   matrix product x^T @ g: CIFAR ResNet-18's 1x1 stride-2 conv 37.1 -> 9.5 ms, ResNet-50's 1x1 256 -> 64 at 56x56
+#   42.4 -> 19.8 ms; larger kernels keep XLA's (the patches' product is 1.1-6x slower there).
 TAP_SUM_MAX = 27
 SCATTER_MAX_CHANNELS = 8
+SCATTER_MIN_RATIO = 2
+DOT_WEIGHT_GRAD_MAX_TAPS = 1
+
+
+def cpu_kernels(x_shape, w_shape, stride, pads, dilation) -> tuple[bool, bool, bool]:
+    """For a one-group conv on a CPU (options resolved per axis): ``(tap sum forward, input gradient spread by
+    patch_matmul's transpose, weight gradient by its transpose)``; where False, XLA's convolution. The module's
+    thresholds decide (set them to measure the alternatives: ``benchmarks/cpu_convs.py``)."""
+    kernel = tuple(w_shape[:-2])
+    out = output_spatial(x_shape[1:-1], pads, kernel, stride, dilation)
+    waste = math.prod(x_shape[1:-1]) / max(math.prod(out), 1)
+    return (math.prod(w_shape[:-1]) <= TAP_SUM_MAX,
+            w_shape[-2] <= SCATTER_MAX_CHANNELS or waste >= SCATTER_MIN_RATIO,
+            math.prod(kernel) <= DOT_WEIGHT_GRAD_MAX_TAPS)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
-def _few_channel_conv(x, w, stride, pads, dilation, precision):
-    """A one-group conv with few input channels. On a CPU its forward is :func:`tap_sum` where the taps are few;
-    its derivative (the JVP rule below) is linear in the tangents and written so that reverse mode, which
-    transposes it, gets fast programs: the input gradient transposes :func:`patch_matmul` where the channels are
-    few (a product spread back over the input) and XLA's convolution elsewhere; the weight gradient transposes XLA's
-    convolution (autodiff of the tap sum's weight gradient is 6x slower). Chosen when the program is lowered for its
-    platform; other platforms run the convolution throughout. Forward mode (``jax.jvp``) works as for any op."""
-    def xla(x, w):
+def _cpu_conv(x, w, stride, pads, dilation, precision):
+    """A one-group conv with what :func:`cpu_kernels` chooses on a CPU. Its forward is :func:`tap_sum` where the
+    taps are few; its derivative (the JVP rule below) is linear in the tangents and written so that reverse mode,
+    which transposes it, gets fast programs: the transpose of :func:`patch_matmul` for the input gradient and, for a
+    1x1 kernel, the weight gradient where chosen, XLA's convolution elsewhere (autodiff of the tap sum's weight
+    gradient is 6x slower). Chosen when the program is lowered for its platform; other platforms run the
+    convolution throughout. Forward mode (``jax.jvp``) works as for any op."""
+    if not cpu_kernels(x.shape, w.shape, stride, pads, dilation)[0]:
         return _xla_conv(x, w, stride, pads, dilation, 1, precision)
-    if math.prod(w.shape[:-1]) > TAP_SUM_MAX:
-        return xla(x, w)
     return lax.platform_dependent(x, w, cpu=functools.partial(tap_sum, stride=stride, pads=pads, dilation=dilation),
-                                  default=xla)
+                                  default=functools.partial(_xla_conv, stride=stride, pads=pads, dilation=dilation,
+                                                            groups=1, precision=precision))
 
 
-@_few_channel_conv.defjvp
-def _few_channel_conv_jvp(stride, pads, dilation, precision, primals, tangents):
+@_cpu_conv.defjvp
+def _cpu_conv_jvp(stride, pads, dilation, precision, primals, tangents):
     x, w = primals
     dx, dw = tangents
+    _, spread_x, dot_w = cpu_kernels(x.shape, w.shape, stride, pads, dilation)
+    xla = functools.partial(_xla_conv, stride=stride, pads=pads, dilation=dilation, groups=1, precision=precision)
+    product = functools.partial(patch_matmul, stride=stride, pads=pads, dilation=dilation, precision=precision)
 
-    def xla(x, w):
-        return _xla_conv(x, w, stride, pads, dilation, 1, precision)
-    if w.shape[-2] <= SCATTER_MAX_CHANNELS:
-        along_x = lax.platform_dependent(dx, w, cpu=functools.partial(
-            patch_matmul, stride=stride, pads=pads, dilation=dilation, precision=precision), default=xla)
-    else:
-        along_x = xla(dx, w)
-    return _few_channel_conv(x, w, stride, pads, dilation, precision), along_x + xla(x, dw)
+    def linear(chosen, a, b):  # the product on a CPU where chosen, else the convolution
+        return lax.platform_dependent(a, b, cpu=product, default=xla) if chosen else xla(a, b)
+    return _cpu_conv(x, w, stride, pads, dilation, precision), linear(spread_x, dx, w) + linear(dot_w, x, dw)
 
 
 def patch_matmul(x, w, *, stride, pads, dilation, precision=None):

@@ -334,23 +334,25 @@ def test_label_range_not_checked_under_jit():
 
 
 @pytest.mark.x64  # float64 against the NumPy loop and lax's convolution at 1e-12
-def test_few_input_channels_skip_the_convolution_on_a_cpu_and_keep_its_numbers(rng, monkeypatch):
-    """One-group convs with few input channels, on 1-3 spatial axes with stride, dilation and uneven padding: a
-    CPU sums the taps of a forward of at most TAP_SUM_MAX multiply-adds per output, and computes the input gradient
-    of at most SCATTER_MAX_CHANNELS input channels as a product spread back over the input. Values and forward-mode
-    derivatives (jax.jvp) equal the direct loop's, gradients lax.conv_general_dilated's."""
+def test_what_a_cpu_runs_for_a_conv_keeps_its_numbers(rng, monkeypatch):
+    """One-group convs on 1-3 spatial axes with stride, dilation and uneven padding, where a CPU runs something else
+    than XLA's convolution for part of them (functional.cpu_kernels): a sum of taps forward for at most
+    TAP_SUM_MAX multiply-adds per output; an input gradient spread back over the input for few input channels or
+    where the transposed convolution would waste work (stride 2); a matrix product for a 1x1 kernel's weight
+    gradient. Values and forward-mode derivatives (jax.jvp) equal the direct loop's, gradients
+    lax.conv_general_dilated's."""
     from jax import lax
     worst, ran, paths = 0.0, 0, set()
-    while ran < 60:
+    while ran < 72:
         n_sp = 1 + ran % 3
-        c_in = int(rng.integers(1, F.SCATTER_MAX_CHANNELS + 1))
-        kernel = tuple(int(k) for k in rng.integers(1, 4, n_sp))
+        c_in = int(rng.integers(1, F.SCATTER_MAX_CHANNELS + 1)) if ran % 2 else int(rng.integers(9, 13))
+        kernel = tuple(int(k) for k in rng.integers(1, 4, n_sp)) if ran % 4 != 2 else (1,) * n_sp
         stride, dilation = (tuple(int(v) for v in rng.integers(1, 3, n_sp)) for _ in range(2))
         pads = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (n_sp, 2)))
         size = tuple(int(v) for v in rng.integers(5, 9, n_sp))
         if any(R.out_size(s, *p, k, st, d) < 1 for s, p, k, st, d in zip(size, pads, kernel, stride, dilation)):
             continue
-        paths.add(math.prod(kernel) * c_in <= F.TAP_SUM_MAX)
+        paths.add(F.cpu_kernels((2, *size, c_in), (*kernel, c_in, 1), stride, pads, dilation))
         x = rng.normal(size=(2, *size, c_in))
         w = rng.normal(size=(*kernel, c_in, int(rng.integers(1, 5))))
         opts = dict(stride=stride, padding=pads, dilation=dilation)
@@ -367,23 +369,35 @@ def test_few_input_channels_skip_the_convolution_on_a_cpu_and_keep_its_numbers(r
                     *(rel_err(a, b) for a, b in zip(vjp(g), want_vjp(g))))
         ran += 1
     assert worst <= 1e-12, worst
-    assert paths == {True, False}  # tap sums and convolutions both ran forward
+    for part in range(3):  # each part ran both ways
+        assert {p[part] for p in paths} == {True, False}, (part, paths)
 
     def ops(fn, *args):
         return jax.jit(fn).lower(*args).compile().as_text()
+
+    def convolves(x, w, **opts):
+        """Whether the forward, the input gradient and the weight gradient hold a convolution on this CPU."""
+        return (" convolution(" in ops(lambda x, w: F.conv(x, w, **opts), x, w),
+                " convolution(" in ops(jax.grad(lambda x, w: F.conv(x, w, **opts).sum()), x, w),
+                " convolution(" in ops(jax.grad(lambda w, x: F.conv(x, w, **opts).sum()), w, x))
     x, w = jnp.ones((4, 12, 12, 3)), jnp.ones((3, 3, 3, 8))  # 27 multiply-adds per output, 3 input channels
-    forward = ops(lambda x, w: F.conv(x, w, padding=1), x, w)
-    input_grad = ops(jax.grad(lambda x, w: F.conv(x, w, padding=1).sum()), x, w)
-    weight_grad = ops(jax.grad(lambda w, x: F.conv(x, w, padding=1).sum()), w, x)
-    assert " convolution(" not in forward and " convolution(" not in input_grad and " convolution(" in weight_grad
-    wide = jnp.ones((3, 3, 8, 8))  # 8 input channels: the forward convolves, the input gradient scatters
-    assert " convolution(" in ops(lambda x, w: F.conv(x, w, padding=1), jnp.ones((4, 12, 12, 8)), wide)
-    assert " convolution(" not in ops(jax.grad(lambda x, w: F.conv(x, w, padding=1).sum()), jnp.ones((4, 12, 12, 8)),
-                                      wide)
+    assert convolves(x, w, padding=1) == (False, False, True)
+    x16 = jnp.ones((4, 12, 12, 16))
+    assert convolves(jnp.ones((4, 12, 12, 8)), jnp.ones((3, 3, 8, 8)), padding=1) == (True, False, True)
+    assert convolves(x16, jnp.ones((3, 3, 16, 8)), padding=1) == (True, True, True)  # nothing wasted: XLA's
+    assert convolves(x16, jnp.ones((3, 3, 16, 8)), padding=1, stride=2) == (True, False, True)  # 4 inputs per output
+    assert convolves(jnp.ones((4, 5, 5, 16)), jnp.ones((3, 3, 16, 8))) == (True, False, True)  # 5x5 -> 3x3: 2.8
+    assert convolves(jnp.ones((4, 7, 7, 16)), jnp.ones((3, 3, 16, 8))) == (True, True, True)  # 7x7 -> 5x5: 1.96
+    assert convolves(jnp.ones((4, 8, 16)), jnp.ones((3, 16, 8)), padding=1, stride=2) == (True, False, True)  # 2
+    one_by_one = jnp.ones((1, 1, 16, 8))  # XLA makes the forward and input gradient dots; the weight gradient is x^T g
+    assert not convolves(x16, one_by_one)[2]
     monkeypatch.setattr(F, "TAP_SUM_MAX", 26)  # one multiply-add short: XLA's convolution
     monkeypatch.setattr(F, "SCATTER_MAX_CHANNELS", 2)
-    assert " convolution(" in ops(lambda x, w: F.conv(x, w, padding=1), x, w)
-    assert " convolution(" in ops(jax.grad(lambda x, w: F.conv(x, w, padding=1).sum()), x, w)
+    assert convolves(x, w, padding=1) == (True, True, True)
+    monkeypatch.setattr(F, "SCATTER_MIN_RATIO", 4.01)  # stride 2 wastes 4 multiply-adds per useful one: too few now
+    assert convolves(x16, jnp.ones((3, 3, 16, 8)), padding=1, stride=2) == (True, True, True)
+    monkeypatch.setattr(F, "DOT_WEIGHT_GRAD_MAX_TAPS", 0)  # and XLA's 12x12-window convolution for that gradient
+    assert convolves(x16, one_by_one)[2]
 
 
 def test_a_bfloat16_tap_sum_accumulates_in_float32(rng):
