@@ -311,11 +311,14 @@ def _xla_conv(x, w, stride, pads, dilation, groups, precision):
 #   input channels are at most SCATTER_MAX_CHANNELS (LeNet-5's second conv, 6 channels, 3.32 -> 2.44 ms; at 16
 #   channels and stride 1 the convolution is 4x faster), or where XLA's transposed convolution would visit at
 #   least SCATTER_MIN_RATIO input positions per output position, i.e. spend that many multiply-adds per useful one
-#   (stride 2: 4; a VALID 3x3 on 12x12: 1.44): CIFAR ResNet-18's 3x3 stride-2 conv 95.8 -> 58.9 ms, ResNet-20's
-#   7.86 -> 3.76 ms, mnist_cnn's third conv (5x5 -> 3x3) 3.17 -> 1.43 ms; at a ratio of 1 it loses everywhere;
+#   (stride 2: 4; a VALID 3x3 on 12x12: 1.44): CIFAR ResNet-18's 3x3 stride-2 conv 97.7 -> 65.5 ms, ResNet-20's
+#   6.76 -> 2.94 ms, mnist_cnn's third conv (5x5 -> 3x3) 2.75 -> 1.02 ms; mnist_cnn's second (1.44) would lose,
+#   3.86 -> 4.44 ms, and at a ratio of 1 it loses everywhere;
 # - weight gradient of a kernel of at most DOT_WEIGHT_GRAD_MAX_TAPS taps (1x1): the transpose of patch_matmul, one
-#   matrix product x^T @ g: CIFAR ResNet-18's 1x1 stride-2 conv 37.1 -> 9.5 ms, ResNet-50's 1x1 256 -> 64 at 56x56
-#   42.4 -> 19.8 ms; larger kernels keep XLA's (the patches' product is 1.1-6x slower there).
+#   matrix product x^T @ g: CIFAR ResNet-18's 1x1 stride-2 conv 28.7 -> 6.3 ms, ResNet-50's 1x1 256 -> 64 at 56x56
+#   41.6 -> 19.6 ms (its 1x1 1024 -> 256 at 14x14 loses a little, 11.6 -> 12.8 ms); 3x3 kernels keep XLA's (the
+#   patches' product is 1.8-3.2x slower there).
+# Whole training steps gain 1-7 % (the stride-1 3x3 convs, at XLA's matmul speed, hold most of their time).
 TAP_SUM_MAX = 27
 SCATTER_MAX_CHANNELS = 8
 SCATTER_MIN_RATIO = 2
