@@ -23,8 +23,13 @@ def ms(seconds):
     return f"{seconds * 1e3:,.2f}" if seconds is not None else "-"
 
 
-def ratio(r):
-    return "-" if r is None else (f"**{r:.2f}x**" if r >= 1 else f"{r:.2f}x")
+def ratio(row, key):
+    """A speed-up, bold where >= 1, with the quartiles of its call-by-call ratios over the rounds where recorded."""
+    r = row.get(key)
+    if r is None:
+        return "-"
+    text = f"**{r:.2f}x**" if r >= 1 else f"{r:.2f}x"
+    return text + (f" ({row[key + '_q25']:.2f}-{row[key + '_q75']:.2f})" if key + "_q25" in row else "")
 
 
 def table(out: str) -> str:
@@ -45,7 +50,7 @@ def table(out: str) -> str:
             r = modes.get(mode, {})
             layout = f" ({r['torch_layout']})" if mode == "train" and r.get("torch_layout") else ""
             cells.append(f"{ms(r.get('step_s'))} / {ms(r.get('torch_step_s'))}{layout} / {ms(r.get('flax_step_s'))}")
-            cells.append(f"{ratio(r.get('speed_vs_torch'))} / {ratio(r.get('speed_vs_flax'))}")
+            cells.append(f"{ratio(r, 'speed_vs_torch')} / {ratio(r, 'speed_vs_flax')}")
         train, infer = modes.get("train", {}), modes.get("inference", {})
         cells.append(f"{train['flops_ratio']:.3f}" if train.get("flops_ratio") else "-")
         cells.append(" / ".join(f"{m['mfu']:.1%}" if m.get("mfu") else "-" for m in (train, infer)))

@@ -32,7 +32,11 @@ Conventions, said once:
 * Time: ``compile_s`` is the lowering and compilation of the step (``jit(...).lower(...).compile()``),
   ``first_call_s`` the first call after it; then each contender's calls alternate round by round with the
   others' (so a noisy machine slows all alike), each call waited for, the first call of each round untimed
-  (:func:`jaxconv.timing.time_calls`).
+  (:func:`jaxconv.timing.time_calls`). ``speed_vs_torch`` is the ratio of the medians; ``speed_vs_torch_q25``
+  and ``_q75`` the quartiles of the call-by-call ratios within rounds (:func:`jaxconv.timing.ratio_quartiles`;
+  the table's "rounds" column): where they straddle 1.0 the run has not settled which is faster. They measure
+  the noise within one run; a machine whose speed drifts between runs moves a ratio further. The same for
+  ``speed_vs_flax``.
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ from jaxconv import compiler, parallel
 from jaxconv import functional as F
 from jaxconv.models import create_model
 from jaxconv.shapes import summary, training_flops
-from jaxconv.timing import time_calls  # noqa: F401  (part of this module's API, as before)
+from jaxconv.timing import ratio_quartiles, time_calls  # noqa: F401  (time_calls: part of this module's API)
 
 # Peak dense FLOP/s per device (multiply-add = 2), from the vendors' data sheets, by the unit doing the work:
 # "float32" the plain (non-tensor-core) rate, "tf32" NVIDIA's TensorFloat-32 tensor-core rate, "bfloat16" the
@@ -348,11 +352,13 @@ def measure(model_name, *, batch: int = 128, dtype: str = "float32", grad: str =
         layout, best = min(torch_runs.items(), key=lambda kv: kv[1]["median_s"])
         row.update(torch_step_s=best["median_s"], torch_layout=layout.split(" ", 1)[1],
                    torch_first_call_s=best["first_s"], speed_vs_torch=best["median_s"] / ours["median_s"])
+        row["speed_vs_torch_q25"], row["speed_vs_torch_q75"] = ratio_quartiles(best, ours)
     elif compare_torch:
         row["torch_error"] = torch_error
     if "flax" in timed:
         row.update(flax_step_s=timed["flax"]["median_s"], flax_first_call_s=timed["flax"]["first_s"],
                    speed_vs_flax=timed["flax"]["median_s"] / ours["median_s"])
+        row["speed_vs_flax_q25"], row["speed_vs_flax_q75"] = ratio_quartiles(timed["flax"], ours)
     elif compare_flax:
         row["flax_error"] = flax_error
     return row
@@ -382,8 +388,9 @@ COLUMNS = (("model", "model", "{}"), ("mode", "mode", "{}"), ("batch", "batch", 
            ("images_per_s_per_device", "img/s/dev", "{:,.0f}"), ("flops_model", "GFLOP model", "{:.3f}", 1e-9),
            ("flops_xla", "GFLOP XLA", "{:.3f}", 1e-9), ("mfu", "MFU", "{:.1%}"),
            ("memory_bytes", "mem MiB", "{:,.0f}", 2 ** -20), ("torch_step_s", "torch ms", "{:.2f}", 1e3),
-           ("speed_vs_torch", "vs torch", "{:.2f}x"), ("flax_step_s", "flax ms", "{:.2f}", 1e3),
-           ("speed_vs_flax", "vs flax", "{:.2f}x"))
+           ("speed_vs_torch", "vs torch", "{:.2f}x"), ("speed_vs_torch_q25", "rounds", "{:.2f}-{:.2f}"),
+           ("flax_step_s", "flax ms", "{:.2f}", 1e3), ("speed_vs_flax", "vs flax", "{:.2f}x"),
+           ("speed_vs_flax_q25", "rounds", "{:.2f}-{:.2f}"))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -394,6 +401,8 @@ def format_table(rows: list[dict]) -> str:
         value = row.get(col[0])
         if value is None:
             return "-"
+        if col[0].endswith("_q25"):  # a speed-up's quartiles over the rounds
+            return col[2].format(value, row[col[0][:-3] + "q75"])
         return col[2].format(value * (col[3] if len(col) > 3 else 1))
 
     body = [[cell(r, c) for c in cols] for r in rows]

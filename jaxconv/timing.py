@@ -26,7 +26,8 @@ def time_calls(runs: dict[str, Callable[[], object]], *, steps: int = 20, warmup
     ``steps`` timed calls. After ``warmup`` untimed rounds, each round calls every contender ``block`` times
     in a row and times all but the first of them (every call when ``block`` is 1).
 
-    Returns ``{name: {"first_s", "median_s", "q25_s", "q75_s", "samples"}}``."""
+    Returns ``{name: {"first_s", "median_s", "q25_s", "q75_s", "samples", "times_s"}}``; ``times_s`` are the timed
+    calls in order, so that the i-th of every contender comes from the same round (:func:`ratio_quartiles`)."""
     if steps < 1 or block < 1 or warmup < 0:
         raise ValueError(f"time_calls: steps and block must be >= 1 and warmup >= 0, got {steps}, {block}, {warmup}")
     first = {}
@@ -49,7 +50,16 @@ def time_calls(runs: dict[str, Callable[[], object]], *, steps: int = 20, warmup
                 samples[name].append(time.perf_counter() - start)
     return {name: dict(first_s=first[name], median_s=float(np.median(s[:steps])),
                        q25_s=float(np.percentile(s[:steps], 25)), q75_s=float(np.percentile(s[:steps], 75)),
-                       samples=len(s[:steps])) for name, s in samples.items()}
+                       samples=len(s[:steps]), times_s=list(s[:steps])) for name, s in samples.items()}
+
+
+def ratio_quartiles(slower: dict, faster: dict) -> tuple[float, float]:
+    """The 25th and 75th percentiles of ``slower``'s time over ``faster``'s, call by call within a round (two
+    :func:`time_calls` results): the spread of a speed-up, what a single ratio of medians does not show. It
+    measures the noise within one run; on a machine whose speed drifts between runs, a ratio can move more than
+    that from one run to the next."""
+    ratios = np.asarray(slower["times_s"]) / np.asarray(faster["times_s"])
+    return float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))
 
 
 def medians(runs: dict, *, steps: int = 60, block: int = 3) -> dict[str, float]:

@@ -108,6 +108,7 @@ def test_the_plain_flax_program_is_timed_beside_it():
     row = bench.measure("mnist1d_cnn", batch=4, mode="train", steps=2, compare_flax=True, peak=GIVEN_PEAK)
     assert row["flax_step_s"] > 0 and row["flax_first_call_s"] > 0
     assert row["speed_vs_flax"] == pytest.approx(row["flax_step_s"] / row["step_s"])
+    assert 0 < row["speed_vs_flax_q25"] <= row["speed_vs_flax_q75"]  # the call-by-call ratios' quartiles
     grouped = Builder((8, 8, 4)).add(L.ConvTranspose2d(4, 4, 3, groups=2, rngs=nnx.Rngs(0))).build("grouped")
     row = bench.measure(grouped, batch=2, mode="inference", steps=2, compare_flax=True, peak=GIVEN_PEAK)
     assert "flax_step_s" not in row and "has no groups" in row["flax_error"]
@@ -152,3 +153,11 @@ def test_devices_split_the_batch_and_the_flax_program_stays_on_one(tmp_path):
     assert rows[1]["peak_flops_per_s"] == pytest.approx(2 * rows[0]["peak_flops_per_s"])
     assert rows[0]["flax_step_s"] > 0 and "compare it with --devices 1" in rows[1]["flax_error"]
     assert rows[0]["environment"]["device_count"] == 2
+
+
+def test_the_table_shows_a_speed_up_with_its_spread_over_the_rounds():
+    row = dict(model="m", mode="train", batch=8, dtype="float32", grad="auto", devices=1, step_s=0.01,
+               torch_step_s=0.0104, speed_vs_torch=1.04, speed_vs_torch_q25=0.95, speed_vs_torch_q75=1.13)
+    header, _, line = bench.format_table([row]).splitlines()
+    assert header.split()[-5:] == ["torch", "ms", "vs", "torch", "rounds"]
+    assert line.split()[-3:] == ["10.40", "1.04x", "0.95-1.13"]

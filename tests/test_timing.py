@@ -28,7 +28,7 @@ def test_rounds_alternate_and_the_first_call_of_each_block_is_not_timed(monkeypa
     out = timing.time_calls(runs, steps=4, warmup=2, block=3)
     # first calls, 2 warm-up rounds, then 2 rounds of 3 calls each
     assert clock.calls == ["a", "b"] + ["a", "b"] * 2 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
-    assert out["a"] == dict(first_s=1.0, median_s=0.25, q25_s=0.25, q75_s=0.25, samples=4)
+    assert out["a"] == dict(first_s=1.0, median_s=0.25, q25_s=0.25, q75_s=0.25, samples=4, times_s=[0.25] * 4)
     assert out["b"]["first_s"] == 5.0 and out["b"]["median_s"] == 0.5 and out["b"]["samples"] == 4
 
 
@@ -41,3 +41,19 @@ def test_block_one_times_every_call(monkeypatch):
     assert out["a"]["median_s"] == 3.0 and out["a"]["q25_s"] == 2.0 and out["a"]["q75_s"] == 4.0
     with pytest.raises(ValueError, match="time_calls: steps and block must be >= 1"):
         timing.time_calls(runs, steps=0)
+
+
+def test_speed_ups_are_spread_over_the_rounds_pairing_calls_of_one_round(monkeypatch):
+    """The machine slows every other round: each contender's own times spread 2x, but within a round b takes
+    exactly twice a's time, so the call-by-call ratios do not spread at all; a steady b against a steady a
+    spreads only with b's own noise."""
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock.perf_counter)
+    runs = {"a": clock.contender("a", lambda k: 1.0 if k % 2 else 2.0),
+            "b": clock.contender("b", lambda k: 2.0 if k % 2 else 4.0)}
+    out = timing.time_calls(runs, steps=4, warmup=0, block=1)
+    assert out["a"]["times_s"] == [1.0, 2.0, 1.0, 2.0] and out["b"]["times_s"] == [2.0, 4.0, 2.0, 4.0]
+    assert (out["a"]["q25_s"], out["a"]["q75_s"]) == (1.0, 2.0)
+    assert timing.ratio_quartiles(out["b"], out["a"]) == (2.0, 2.0)
+    steady = {"a": {"times_s": [1.0] * 4}, "b": {"times_s": [2.0, 3.0, 2.0, 3.0]}}
+    assert timing.ratio_quartiles(steady["b"], steady["a"]) == (2.0, 3.0)
