@@ -53,12 +53,12 @@ def time_calls(runs: dict[str, Callable[[], object]], *, steps: int = 20, warmup
                        samples=len(s[:steps]), times_s=list(s[:steps])) for name, s in samples.items()}
 
 
-def ratio_quartiles(slower: dict, faster: dict) -> tuple[float, float]:
-    """The 25th and 75th percentiles of ``slower``'s time over ``faster``'s, call by call within a round (two
-    :func:`time_calls` results): the spread of a speed-up, what a single ratio of medians does not show. It
+def ratio_quartiles(theirs: dict, ours: dict) -> tuple[float, float]:
+    """The 25th and 75th percentiles of ``theirs``' time over ``ours``, call by call within a round (two
+    :func:`time_calls` results): the spread of our speed-up, what a single ratio of medians does not show. It
     measures the noise within one run; on a machine whose speed drifts between runs, a ratio can move more than
     that from one run to the next."""
-    ratios = np.asarray(slower["times_s"]) / np.asarray(faster["times_s"])
+    ratios = np.asarray(theirs["times_s"]) / np.asarray(ours["times_s"])
     return float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))
 
 
