@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from jaxconv.bench import rounds_text
 from jaxconv.cli import main
 from jaxconv.models import MODELS
 
@@ -29,7 +30,7 @@ def ratio(row, key):
     if r is None:
         return "-"
     text = f"**{r:.2f}x**" if r >= 1 else f"{r:.2f}x"
-    return text + (f" ({row[key + '_q25']:.2f}-{row[key + '_q75']:.2f})" if key + "_q25" in row else "")
+    return text + (f" ({rounds_text(row, key)})" if key + "_q25" in row else "")
 
 
 def table(out: str) -> str:

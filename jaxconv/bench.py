@@ -388,9 +388,15 @@ COLUMNS = (("model", "model", "{}"), ("mode", "mode", "{}"), ("batch", "batch", 
            ("images_per_s_per_device", "img/s/dev", "{:,.0f}"), ("flops_model", "GFLOP model", "{:.3f}", 1e-9),
            ("flops_xla", "GFLOP XLA", "{:.3f}", 1e-9), ("mfu", "MFU", "{:.1%}"),
            ("memory_bytes", "mem MiB", "{:,.0f}", 2 ** -20), ("torch_step_s", "torch ms", "{:.2f}", 1e3),
-           ("speed_vs_torch", "vs torch", "{:.2f}x"), ("speed_vs_torch_q25", "rounds", "{:.2f}-{:.2f}"),
+           ("speed_vs_torch", "vs torch", "{:.2f}x"),
+           ("speed_vs_torch_q25", "rounds", lambda row: rounds_text(row, "speed_vs_torch")),
            ("flax_step_s", "flax ms", "{:.2f}", 1e3), ("speed_vs_flax", "vs flax", "{:.2f}x"),
-           ("speed_vs_flax_q25", "rounds", "{:.2f}-{:.2f}"))
+           ("speed_vs_flax_q25", "rounds", lambda row: rounds_text(row, "speed_vs_flax")))
+
+
+def rounds_text(row: dict, key: str) -> str:
+    """A speed-up's quartiles over the rounds (``key``'s ``_q25`` and ``_q75`` fields) as ``"0.89-0.91"``."""
+    return f"{row[key + '_q25']:.2f}-{row[key + '_q75']:.2f}"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -401,8 +407,8 @@ def format_table(rows: list[dict]) -> str:
         value = row.get(col[0])
         if value is None:
             return "-"
-        if col[0].endswith("_q25"):  # a speed-up's quartiles over the rounds
-            return col[2].format(value, row[col[0][:-3] + "q75"])
+        if callable(col[2]):
+            return col[2](row)
         return col[2].format(value * (col[3] if len(col) > 3 else 1))
 
     body = [[cell(r, c) for c in cols] for r in rows]

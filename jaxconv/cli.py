@@ -373,13 +373,14 @@ def _bench(args) -> int:
 
 
 def _print_bench_row(row: dict) -> None:
+    from jaxconv import bench
     print(f"  {row['model']} {row['mode']} batch {row['batch']} {row['dtype']} grad={row['grad']} x{row['devices']}: "
           f"step {row['step_s'] * 1e3:.2f} ms"
           + (f", torch {row['torch_step_s'] * 1e3:.2f} ms ({row['torch_layout']}; {row['speed_vs_torch']:.2f}x, "
-             f"rounds {row['speed_vs_torch_q25']:.2f}-{row['speed_vs_torch_q75']:.2f})" if "torch_step_s" in row else "")
+             f"rounds {bench.rounds_text(row, 'speed_vs_torch')})" if "torch_step_s" in row else "")
           + (f"; {row['torch_error']}" if row.get("torch_error") else "")
           + (f", flax {row['flax_step_s'] * 1e3:.2f} ms ({row['speed_vs_flax']:.2f}x, rounds "
-             f"{row['speed_vs_flax_q25']:.2f}-{row['speed_vs_flax_q75']:.2f})" if "flax_step_s" in row else "")
+             f"{bench.rounds_text(row, 'speed_vs_flax')})" if "flax_step_s" in row else "")
           + (f"; flax: {row['flax_error']}" if row.get("flax_error") else ""), flush=True)
 
 

@@ -345,11 +345,16 @@ def _cpu_conv(x, w, stride, pads, dilation, precision):
     1x1 kernel, the weight gradient where chosen, XLA's convolution elsewhere (autodiff of the tap sum's weight
     gradient is 6x slower). Chosen when the program is lowered for its platform; other platforms run the
     convolution throughout. Forward mode (``jax.jvp``) works as for any op."""
+    xla = _one_group_xla(stride, pads, dilation, precision)
     if not cpu_kernels(x.shape, w.shape, stride, pads, dilation)[0]:
-        return _xla_conv(x, w, stride, pads, dilation, 1, precision)
+        return xla(x, w)
     return lax.platform_dependent(x, w, cpu=functools.partial(tap_sum, stride=stride, pads=pads, dilation=dilation),
-                                  default=functools.partial(_xla_conv, stride=stride, pads=pads, dilation=dilation,
-                                                            groups=1, precision=precision))
+                                  default=xla)
+
+
+def _one_group_xla(stride, pads, dilation, precision):
+    """XLA's convolution ``(x, w) -> y`` with these options and one group."""
+    return functools.partial(_xla_conv, stride=stride, pads=pads, dilation=dilation, groups=1, precision=precision)
 
 
 @_cpu_conv.defjvp
@@ -357,7 +362,7 @@ def _cpu_conv_jvp(stride, pads, dilation, precision, primals, tangents):
     x, w = primals
     dx, dw = tangents
     _, spread_x, dot_w = cpu_kernels(x.shape, w.shape, stride, pads, dilation)
-    xla = functools.partial(_xla_conv, stride=stride, pads=pads, dilation=dilation, groups=1, precision=precision)
+    xla = _one_group_xla(stride, pads, dilation, precision)
     product = functools.partial(patch_matmul, stride=stride, pads=pads, dilation=dilation, precision=precision)
 
     def linear(chosen, a, b):  # the product on a CPU where chosen, else the convolution
