@@ -7,7 +7,7 @@ forward+backward time against ``torch.nn.functional.conv_transpose2d``, side by 
 The default layer is a U-Net decoder step (14x14x64 -> 28x28x32, 2x2 kernel, stride 2). JAX runs
 jaxconv's ``conv_transpose`` (the zero-spread ``lhs_dilation`` form), its hand-written backward
 (``grads.conv_transpose_vjp``, one conv and one weight-gradient conv), ``jax.vjp`` of it (which
-runs the same rule, its ``custom_vjp``), and the weight gradient that autodiff would take without
+runs the same programs: its ``custom_jvp`` transposes into them), and the weight gradient that autodiff would take without
 that rule; PyTorch runs NCHW and channels_last. Rounds alternate between contenders (``jaxconv.timing.medians``).
 """
 import argparse
@@ -65,7 +65,7 @@ def jax_pieces(args):
         y, vjp = jax.vjp(lambda x, w: F.conv_transpose(x, w, **opts), x, w)
         return y, vjp(g)
 
-    # The weight gradient two ways: conv_transpose's own custom_vjp, and JAX autodiff of the same
+    # The weight gradient two ways: conv_transpose's own custom_jvp, and JAX autodiff of the same
     # lhs_dilation convolution without it (a conv with lhs_dilation = S, which XLA:CPU runs slowly).
     plain = lambda x, w: F.spread_conv(x, F.transpose_kernel(w, 1), stride=(args.stride,) * 2,
                                        pads=((args.padding, args.padding),) * 2,

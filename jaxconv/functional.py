@@ -475,25 +475,28 @@ def conv_transpose(x, w, b=None, *, stride=1, padding: Padding = 0, output_paddi
     return y if b is None else y + b.astype(y.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
 def _conv_transpose(x, w, stride, pads, output_padding, dilation, groups, precision):
-    """The transposed conv with :func:`conv_transpose_backward` as its backward: autodiff's own weight
-    gradient here is a conv with ``lhs_dilation = S``, which XLA:CPU ran 25x slower (30.5 against 1.22 ms
-    for a 14x14x64 -> 28x28x32 stride-2 layer, batch 32; ``benchmarks/conv_transpose_vs_torch.py``)."""
+    """The transposed conv, with a derivative (the JVP rule below) whose transpose is
+    :func:`conv_transpose_backward`: autodiff's own weight gradient here is a conv with ``lhs_dilation = S``, which
+    XLA:CPU ran 25x slower (30.5 against 1.22 ms for a 14x14x64 -> 28x28x32 stride-2 layer, batch 32;
+    ``benchmarks/conv_transpose_vs_torch.py``). Forward mode (``jax.jvp``, ``jax.hessian``) works as for any op."""
     return spread_conv(x, transpose_kernel(w, groups), stride=stride, pads=pads, output_padding=output_padding,
                        dilation=dilation, groups=groups, precision=precision)
 
 
-def _conv_transpose_fwd(x, w, *static):
-    return _conv_transpose(x, w, *static), (x, w)
-
-
-def _conv_transpose_bwd(stride, pads, output_padding, dilation, groups, precision, residuals, g):
-    return conv_transpose_backward(g, *residuals, stride=stride, pads=pads, dilation=dilation, groups=groups,
-                                   precision=precision)
-
-
-_conv_transpose.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
+@_conv_transpose.defjvp
+def _conv_transpose_jvp(stride, pads, output_padding, dilation, groups, precision, primals, tangents):
+    # Linear in (dx, dw). The dx term is the conv itself, whose transpose is a strided conv. The dw term is written
+    # as the transpose of the fast weight gradient, so reverse mode, transposing it again, runs exactly that one.
+    x, w = primals
+    dx, dw = tangents
+    static = (stride, pads, output_padding, dilation, groups, precision)
+    y = _conv_transpose(x, w, *static)
+    weight_grad = functools.partial(conv_transpose_weight_grad, x=x, kernel=w.shape[:x.ndim - 2], stride=stride,
+                                    pads=pads, dilation=dilation, groups=groups, precision=precision)
+    (w_term,) = jax.linear_transpose(weight_grad, jax.ShapeDtypeStruct(y.shape, y.dtype))(dw)
+    return y, _conv_transpose(dx, w, *static) + w_term
 
 
 def conv_transpose_backward(g, x, w, *, stride, pads, dilation, groups, precision=None):
@@ -502,8 +505,7 @@ def conv_transpose_backward(g, x, w, *, stride, pads, dilation, groups, precisio
     A transposed conv ``y = T(x)`` is the input gradient of the conv ``C`` from y's space to x's with
     kernel ``w_c = swapaxes(w)`` ``[*K, C_out // G, C_in]`` and the same stride, padding and dilation.
     So its transpose is that conv: ``dx = C(g)`` (cropped to x's size where ``output_padding >= S``
-    made C's output longer), and ``dw`` is C's weight gradient with g as C's input and x as the
-    upstream gradient (:func:`conv_weight_grad`): ``dw_c[k, j, i] = sum_{n,o} g_pad[n, o*S + k*D, j] x[n, o, i]``.
+    made C's output longer), and ``dw`` is C's weight gradient (:func:`conv_transpose_weight_grad`).
     """
     n = x.ndim - 2
     in_spatial = tuple(x.shape[1:-1])
@@ -511,12 +513,22 @@ def conv_transpose_backward(g, x, w, *, stride, pads, dilation, groups, precisio
     dx = lax.conv_general_dilated(g, w_c.astype(g.dtype), window_strides=stride, padding=pads, rhs_dilation=dilation,
                                   dimension_numbers=conv_dimension_numbers(n), feature_group_count=groups,
                                   precision=precision)
-    extra = [(0, c - wi) for c, wi in zip(dx.shape[1:-1], in_spatial)]  # C's rows past x's size: zero upstream
-    x_ext = jnp.pad(x, [(0, 0), *extra, (0, 0)]).astype(g.dtype)
-    dw_c = conv_weight_grad(g, x_ext, w.shape[:n], stride=stride, pads=pads, dilation=dilation, groups=groups,
-                            precision=precision)
     dx = dx[(slice(None), *[slice(0, wi) for wi in in_spatial])]
-    return dx.astype(x.dtype), jnp.swapaxes(dw_c, -1, -2).astype(w.dtype)
+    dw = conv_transpose_weight_grad(g, x=x, kernel=w.shape[:n], stride=stride, pads=pads, dilation=dilation,
+                                    groups=groups, precision=precision)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+def conv_transpose_weight_grad(g, *, x, kernel, stride, pads, dilation, groups, precision=None):
+    """``dw`` ``[*kernel, C_in, C_out // G]`` of a transposed conv of x, for its output's cotangent g (linear in
+    g): the weight gradient of the conv ``C`` of :func:`conv_transpose_backward`, with g as C's input and x as its
+    upstream gradient, ``dw_c[k, j, i] = sum_{n,o} g_pad[n, o*S + k*D, j] x[n, o, i]``; x padded with zeros
+    where C's output runs past x's size."""
+    dx_spatial = output_spatial(g.shape[1:-1], pads, kernel, stride, dilation)
+    x_ext = jnp.pad(x, [(0, 0), *[(0, c - wi) for c, wi in zip(dx_spatial, x.shape[1:-1])], (0, 0)])
+    dw_c = conv_weight_grad(g, x_ext.astype(g.dtype), kernel, stride=stride, pads=pads, dilation=dilation,
+                            groups=groups, precision=precision)
+    return jnp.swapaxes(dw_c, -1, -2)
 
 
 def conv_input_grad(g, w, in_spatial, *, stride, pads, dilation, groups, precision=None):

@@ -99,8 +99,9 @@ def conv_transpose_vjp(g, x, w, b=None, *, stride=1, padding=0, output_padding=0
     """Cotangents ``(dx, dw, db)`` of :func:`jaxconv.functional.conv_transpose`.
 
     dx is a plain conv of g and dw the weight gradient of that conv
-    (:func:`jaxconv.functional.conv_transpose_backward` derives both; ``conv_transpose`` uses the same
-    rule as its ``custom_vjp``, because autodiff's own weight gradient is 25x slower on XLA:CPU);
+    (:func:`jaxconv.functional.conv_transpose_backward` derives both; ``conv_transpose``'s ``custom_jvp`` is
+    written so that reverse mode runs the same two, because autodiff's own weight gradient is 25x slower on
+    XLA:CPU);
     db is g summed over every axis but the last.
     """
     fn = "conv_transpose_vjp"

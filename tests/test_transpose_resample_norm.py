@@ -1,5 +1,6 @@
 """conv_transpose, upsample, add/concat, layer/group norm and per-position cross-entropy: forward
 against NumPy loops and PyTorch, backward against PyTorch autograd, and their error messages."""
+import functools
 import itertools
 import re
 
@@ -224,13 +225,49 @@ def test_bad_input_to_new_ops(call, error, message):
 
 @pytest.mark.parametrize("seed", [5, 6, 7])
 def test_conv_transpose_gradients_against_finite_differences(seed):
-    """conv_transpose carries its own backward (a custom_vjp, faster than autodiff's on XLA:CPU); check
-    it, first and second order, against central differences, and the hand-written vjp against it."""
+    """conv_transpose carries its own derivative (a custom_jvp whose transpose is faster than autodiff's on
+    XLA:CPU); check it, both modes, first and second order, against central differences, and the hand-written
+    vjp against it."""
     from jax.test_util import check_grads
     x, w, b, o = random_transpose_case(np.random.default_rng(seed), 2)
     args = (jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
-    check_grads(lambda *a: F.conv_transpose(*a, **o), args, order=2, modes=["rev"])
+    check_grads(lambda *a: F.conv_transpose(*a, **o), args, order=2, modes=["fwd", "rev"])
     y, vjp = jax.vjp(lambda *a: F.conv_transpose(*a, **o), *args)
     g = jnp.asarray(np.random.default_rng(seed).normal(size=y.shape))
     for got, want in zip(G.conv_transpose_vjp(g, *args, **o), vjp(g)):
         assert rel_error(got, want) < 1e-12
+
+
+def test_conv_transpose_forward_mode_is_the_scatter_loop_of_its_tangents(rng):
+    """jax.jvp and jax.hessian work through conv_transpose (its derivative is a custom_jvp, not a custom_vjp):
+    the tangent of a bilinear map is T(dx, w) + T(x, dw), each the NumPy scatter loop."""
+    for trial in range(12):
+        x, w, b, o = random_transpose_case(rng, 1 + trial % 2)
+        dx, dw = rng.normal(size=x.shape), rng.normal(size=w.shape)
+        _, tangent = jax.jvp(lambda x, w: F.conv_transpose(x, w, b, **o), (jnp.asarray(x), jnp.asarray(w)),
+                             (jnp.asarray(dx), jnp.asarray(dw)))
+        pads = tuple((p, p) for p in o["padding"])
+        loop = functools.partial(conv_transpose_loop, b=None, stride=o["stride"], pads=pads,
+                                 output_padding=o["output_padding"], dilation=o["dilation"], groups=o["groups"])
+        np.testing.assert_allclose(tangent, loop(dx, w) + loop(x, dw), rtol=1e-10, atol=1e-10)
+    # second order: d2/dw2 of 1/2 |T(x, w)|^2 is T(x, .)^T T(x, .), whatever w is
+    x, w, b, o = random_transpose_case(rng, 1)
+    loss = lambda w: 0.5 * jnp.sum(F.conv_transpose(jnp.asarray(x), w, **o) ** 2)
+    hessian = jax.hessian(loss)(jnp.asarray(w)).reshape(w.size, w.size)
+    pads = tuple((p, p) for p in o["padding"])
+    columns = [conv_transpose_loop(x, basis.reshape(w.shape), None, o["stride"], pads, o["output_padding"],
+                                   o["dilation"], o["groups"]).ravel() for basis in np.eye(w.size)]
+    jacobian = np.stack(columns, axis=1)
+    np.testing.assert_allclose(hessian, jacobian.T @ jacobian, rtol=1e-10, atol=1e-10)
+
+
+def test_conv_transpose_gradient_runs_no_spread_convolution_but_its_forward():
+    """Reverse mode transposes the JVP into the fast programs: a strided conv for dx and the weight-gradient conv
+    for dw. Autodiff of the zero-spread form would compute dw as a second convolution with lhs_dilation (25x
+    slower on XLA:CPU)."""
+    x, w = jnp.ones((4, 7, 7, 6)), jnp.ones((2, 2, 6, 4))
+    loss = lambda x, w: jnp.sum(F.conv_transpose(x, w, stride=2) ** 2)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+    convolutions = [line for line in hlo.splitlines() if "stablehlo.convolution" in line]
+    assert len(convolutions) == 3
+    assert sum("lhs_dilate = [2, 2]" in line for line in convolutions) == 1
