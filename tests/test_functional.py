@@ -355,18 +355,22 @@ def test_what_a_cpu_runs_for_a_conv_keeps_its_numbers(rng, monkeypatch):
         paths.add(F.cpu_kernels((2, *size, c_in), (*kernel, c_in, 1), stride, pads, dilation))
         x = rng.normal(size=(2, *size, c_in))
         w = rng.normal(size=(*kernel, c_in, int(rng.integers(1, 5))))
-        opts = dict(stride=stride, padding=pads, dilation=dilation)
-        got, vjp = jax.vjp(lambda x, w: F.conv(x, w, **opts), jnp.asarray(x), jnp.asarray(w))
-        want, want_vjp = jax.vjp(lambda x, w: lax.conv_general_dilated(
-            x, w, stride, pads, rhs_dilation=dilation, dimension_numbers=F.conv_dimension_numbers(n_sp)), x, w)
-        g = jnp.asarray(rng.normal(size=want.shape))
         loop = R.conv(x, w, None, stride, pads, dilation, 1)
-        tangents = (jnp.asarray(rng.normal(size=x.shape)), jnp.asarray(rng.normal(size=w.shape)))
-        _, forward_mode = jax.jvp(lambda x, w: F.conv(x, w, **opts), (jnp.asarray(x), jnp.asarray(w)), tangents)
+        g = rng.normal(size=loop.shape)
+        tangents = (rng.normal(size=x.shape), rng.normal(size=w.shape))
+
+        @jax.jit  # one program per configuration (op by op, each primitive would compile on its own)
+        def derivatives(x, w, g, tangents):
+            mine = lambda x, w: F.conv(x, w, stride=stride, padding=pads, dilation=dilation)
+            xla = lambda x, w: lax.conv_general_dilated(x, w, stride, pads, rhs_dilation=dilation,
+                                                        dimension_numbers=F.conv_dimension_numbers(n_sp))
+            (got, vjp), (want, want_vjp) = jax.vjp(mine, x, w), jax.vjp(xla, x, w)
+            return got, want, jax.jvp(mine, (x, w), tangents)[1], vjp(g), want_vjp(g)
+        got, want, forward_mode, grads, want_grads = derivatives(x, w, g, tangents)
         worst = max(worst, rel_err(got, loop), rel_err(want, loop),
-                    rel_err(forward_mode, R.conv(np.asarray(tangents[0]), w, None, stride, pads, dilation, 1)
-                            + R.conv(x, np.asarray(tangents[1]), None, stride, pads, dilation, 1)),
-                    *(rel_err(a, b) for a, b in zip(vjp(g), want_vjp(g))))
+                    rel_err(forward_mode, R.conv(tangents[0], w, None, stride, pads, dilation, 1)
+                            + R.conv(x, tangents[1], None, stride, pads, dilation, 1)),
+                    *(rel_err(a, b) for a, b in zip(grads, want_grads)))
         ran += 1
     assert worst <= 1e-12, worst
     for part in range(3):  # each part ran both ways
