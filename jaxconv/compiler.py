@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 
 import jax
 
@@ -90,29 +91,80 @@ def steps_per_dispatch(backend: str | None = None) -> int:
 
 
 def enable_compilation_cache(folder: str | None = None) -> str | None:
-    """Turn on JAX's persistent compilation cache in ``folder`` (default ``~/.cache/jaxconv/xla``, or
-    ``$JAXCONV_DATA/xla``), so a second run of the same program loads its compiled steps instead of compiling.
+    """Turn on JAX's persistent compilation cache in ``folder`` (default ``$JAXCONV_COMPILATION_CACHE`` where that
+    names a folder, else ``~/.cache/jaxconv/xla`` or ``$JAXCONV_DATA/xla``), so a second run of the same program
+    loads its compiled steps instead of compiling.
 
     The ``jaxconv`` command calls it; a script may. It changes nothing when the user chose a cache already
     (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config.jax_compilation_cache_dir``) or when
     ``JAXCONV_COMPILATION_CACHE=0``. Entries are kept whatever their compile time (JAX's default skips those
-    under a second, which is most of jaxconv's steps on a CPU). Returns the folder in use, or ``None``."""
-    if switched_off(os.environ.get("JAXCONV_COMPILATION_CACHE")):
+    under a second, which is most of jaxconv's steps on a CPU), and written whole or not at all
+    (:func:`write_entries_whole`). Returns the folder in use, or ``None``."""
+    value = os.environ.get("JAXCONV_COMPILATION_CACHE")
+    if switched_off(value):
         return None
     chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
     if chosen:
         return chosen
     from jaxconv.data import cache_dir
-    folder = folder or os.path.join(cache_dir(), "xla")
+    named = (value or "").strip()
+    if named.lower() in ("", "1", "true", "yes", "on"):
+        named = ""
+    folder = folder or named or os.path.join(cache_dir(), "xla")
     use_compilation_cache(folder)
     return folder
 
 
 def use_compilation_cache(folder: str) -> None:
-    """JAX's persistent compilation cache in ``folder``, keeping every program whatever its compile time and size."""
+    """JAX's persistent compilation cache in ``folder``, keeping every program whatever its compile time and size,
+    each entry written whole or not at all."""
+    write_entries_whole()
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def write_entries_whole() -> bool:
+    """Make JAX's file cache write each compiled program to a temporary file and rename it into place.
+
+    JAX writes an entry straight to its final name (``jax._src.lru_cache.LRUCache.put``): a process killed during
+    that write (SIGKILL, a lost machine) leaves a truncated entry that JAX never replaces, so every later run warns
+    "Error reading persistent compilation cache entry ... truncated stream" and compiles that program again. With a
+    rename, readers see the whole entry or none. Applied once per process, to local folders without JAX's eviction
+    (jaxconv sets none); elsewhere, and where this JAX's cache has another shape, JAX's own writes are kept.
+    Returns whether it is in force."""
+    try:
+        from jax._src import lru_cache
+    except ImportError:
+        return False
+    cache, suffix = getattr(lru_cache, "LRUCache", None), getattr(lru_cache, "_CACHE_SUFFIX", None)
+    put = getattr(cache, "put", None)
+    if put is None or not isinstance(suffix, str):
+        return False
+    if getattr(put, "_jaxconv_whole", False):
+        return True
+
+    @functools.wraps(put)
+    def whole_put(self, key, value):
+        folder = str(getattr(self, "path", ""))
+        if getattr(self, "eviction_enabled", True) or not key or "://" in folder or not os.path.isdir(folder):
+            return put(self, key, value)
+        final = os.path.join(folder, f"{key}{suffix}")
+        if os.path.exists(final):  # as JAX: an entry is never re-written
+            return None
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return None
+
+    whole_put._jaxconv_whole = True
+    cache.put = whole_put
+    return True
 
 
 def switched_off(value: str | None) -> bool:

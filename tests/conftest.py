@@ -4,9 +4,6 @@ for that test alone."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-# The jaxconv command keeps compiled steps in ~/.cache/jaxconv/xla; the commands tests start compile afresh
-# (tests/test_compiler.py checks that cache in a folder of its own; in-process tests share theirs, see below).
-os.environ.setdefault("JAXCONV_COMPILATION_CACHE", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -18,9 +15,10 @@ def _share_compiled_programs() -> None:
     """Most of the tests' time is XLA compiling the same small training programs again, test after test: the
     tests of one session share them through JAX's persistent compilation cache, in a folder of the session's own
     (made by the pytest process that starts the session, which hands it to xdist's workers through the
-    environment, and removed when it ends). In-process only: the processes tests start (``jaxconv train``) compile
-    afresh, as JAXCONV_COMPILATION_CACHE=0 above says; some are killed mid-write on purpose.
-    ``JAXCONV_TEST_XLA_CACHE=0`` turns the sharing off."""
+    environment, and removed when it ends). The ``jaxconv`` commands tests start use it too
+    (``JAXCONV_COMPILATION_CACHE`` names it; never ~/.cache/jaxconv/xla): jaxconv writes each entry whole, so the
+    processes tests kill mid-run leave no half entry (tests/test_compiler.py checks that, and the command's own
+    cache, in folders of their own). ``JAXCONV_TEST_XLA_CACHE=0`` turns the sharing off."""
     import atexit
     import shutil
     import tempfile
@@ -28,7 +26,10 @@ def _share_compiled_programs() -> None:
     if folder is None:
         folder = os.environ["JAXCONV_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="jaxconv-tests-xla-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    if not compiler.switched_off(folder):
+    if compiler.switched_off(folder):
+        os.environ.setdefault("JAXCONV_COMPILATION_CACHE", "0")
+    else:
+        os.environ.setdefault("JAXCONV_COMPILATION_CACHE", folder)
         compiler.use_compilation_cache(folder)
 
 

@@ -93,6 +93,42 @@ def test_the_command_keeps_compiled_steps_for_the_next_run(tmp_path):
     assert strip("cold") == strip("warm")
 
 
+# A process that compiles one program into the cache at sys.argv[1]; the size of the files it may write is capped
+# at sys.argv[2] bytes (0: none): a write past the cap stops part-way, as a write does when its process is killed.
+CACHE_WRITER = """
+import resource, sys
+from jaxconv import compiler
+compiler.use_compilation_cache(sys.argv[1])
+cap = int(sys.argv[2])
+if cap:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
+import jax, jax.numpy as jnp
+print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((32, 32))).sum()))
+"""
+
+
+def test_a_cache_entry_cut_off_while_written_is_never_read(tmp_path):
+    """An entry is written whole or not at all: after a write that stopped part-way, the next process finds no
+    half entry (JAX's own writes leave one, which every later run warns about and compiles again), compiles,
+    and the one after reads what it wrote."""
+    import subprocess
+    import sys
+    folder = str(tmp_path / "xla")
+    os.makedirs(folder)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    run = lambda cap: subprocess.run([sys.executable, "-c", CACHE_WRITER, folder, str(cap)], env=env,
+                                     capture_output=True, text=True, timeout=120)
+    cut = run(1000)  # every entry here is 1.5-4 KB compressed
+    assert "Error writing persistent compilation cache entry" in cut.stderr, cut.stderr[-2000:]
+    entries = lambda: sorted(n for n in os.listdir(folder) if n.endswith("-cache"))
+    assert all(os.path.getsize(os.path.join(folder, n)) > 1000 for n in entries())
+    for _ in range(2):
+        done = run(0)
+        assert done.returncode == 0 and "compilation cache" not in done.stderr, done.stderr[-2000:]
+        assert float(done.stdout) == float(cut.stdout or done.stdout)
+    assert entries() and not any(n.endswith(".tmp") for n in os.listdir(folder))
+
+
 def _nnx_step(jit):
     from flax import nnx
     from jaxconv import functional as F
