@@ -943,11 +943,34 @@ def batch_norm_train(x, scale, bias, *, epsilon: float = 1e-5):
     return batch_norm(x, scale, bias, mean, var, epsilon=epsilon)
 
 
-def standardise(x, axes, *, epsilon):
-    """``(x - mean) / sqrt(var + eps)`` over ``axes`` (biased variance), and ``1 / sqrt(var + eps)``."""
-    mean = jnp.mean(x, axis=axes, keepdims=True)
-    inv = lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True) + epsilon)
-    return (x - mean) * inv, inv
+def standardise(x, mean, *, epsilon):
+    """``(x - m) / sqrt(v + eps)`` and ``1 / sqrt(v + eps)``, with ``m = mean(x)`` and the biased variance
+    ``v = mean((x - m)^2)``; ``mean`` maps an array to its means, broadcastable against it (:func:`over_axes`,
+    :func:`over_groups`)."""
+    centred = x - mean(x)
+    inv = lax.rsqrt(mean(jnp.square(centred)) + epsilon)
+    return centred * inv, inv
+
+
+def over_axes(axes):
+    """The mean over ``axes``, kept for broadcasting: a ``mean`` for :func:`standardise`."""
+    return lambda v: jnp.mean(v, axis=axes, keepdims=True)
+
+
+def over_groups(num_groups: int):
+    """The mean over each example's group of channels and every position of ``[N, *spatial, C]``, as
+    ``[N, 1, ..., 1, C]`` (each channel its group's): a ``mean`` for :func:`standardise`. Summed per channel over
+    the positions first, then per group, which XLA:CPU runs faster than one reduction over the axes of
+    ``[N, *spatial, G, C // G]``: a (128, 28, 28, 32) GroupNorm with 4 groups 3.70 -> 1.50 ms forward, 11.95 -> 7.37
+    ms forward and backward; unet_small's training step 137.6 -> 125.9 ms (``benchmarks/group_norm.py``)."""
+    def mean(v):
+        n, c = v.shape[0], v.shape[-1]
+        per_channel = jnp.sum(v.reshape(n, -1, c), axis=1, dtype=jnp.promote_types(v.dtype, jnp.float32))
+        per_group = jnp.sum(per_channel.reshape(n, num_groups, c // num_groups), axis=-1)
+        count = (v.size // (n * c)) * (c // num_groups)
+        return jnp.repeat(per_group / count, c // num_groups, axis=1).astype(v.dtype).reshape(
+            n, *(1,) * (v.ndim - 2), c)
+    return mean
 
 
 def _check_affine(x, scale, bias, *, fn):
@@ -965,7 +988,7 @@ def layer_norm(x, scale, bias, *, epsilon: float = 1e-5):
     """
     _check_array(x, fn="layer_norm", name="x", min_rank=1)
     _check_affine(x, scale, bias, fn="layer_norm")
-    return standardise(x, (-1,), epsilon=epsilon)[0] * scale + bias
+    return standardise(x, over_axes((-1,)), epsilon=epsilon)[0] * scale + bias
 
 
 def group_norm(x, scale, bias, *, num_groups: int, epsilon: float = 1e-5):
@@ -981,13 +1004,7 @@ def group_norm(x, scale, bias, *, num_groups: int, epsilon: float = 1e-5):
     c = x.shape[-1]
     if not _is_int(num_groups) or num_groups < 1 or c % num_groups:
         raise ValueError(f"{fn}: `num_groups` must be a positive int dividing C={c}, got {num_groups!r}")
-    xg = x.reshape(*x.shape[:-1], num_groups, c // num_groups)
-    return standardise(xg, group_axes(xg.ndim), epsilon=epsilon)[0].reshape(x.shape) * scale + bias
-
-
-def group_axes(ndim: int) -> tuple:
-    """Axes of ``[N, *spatial, G, C // G]`` that one group's statistics run over: all but N and G."""
-    return tuple(range(1, ndim - 2)) + (ndim - 1,)
+    return standardise(x, over_groups(num_groups), epsilon=epsilon)[0] * scale + bias
 
 
 def dropout(x, key, *, drop_rate: float, deterministic: bool = False):

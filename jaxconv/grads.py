@@ -290,19 +290,19 @@ def upsample_vjp(g, x, scale, *, method: str = "nearest"):
 # --------------------------------------------------------------------------- normalisation, dropout
 
 
-def _standardised_vjp(g_hat, x_hat, inv, axes):
-    """Cotangent of x for ``x_hat = (x - mean) * inv`` over ``axes``, given ``g_hat = dL/dx_hat``:
-    ``inv * (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat))``."""
-    return inv * (g_hat - jnp.mean(g_hat, axis=axes, keepdims=True)
-                  - x_hat * jnp.mean(g_hat * x_hat, axis=axes, keepdims=True))
+def _standardised_vjp(g_hat, x_hat, inv, mean):
+    """Cotangent of x for ``x_hat = (x - mean(x)) * inv`` (:func:`jaxconv.functional.standardise`), given
+    ``g_hat = dL/dx_hat``: ``inv * (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat))``."""
+    return inv * (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat))
 
 
 def layer_norm_vjp(g, x, scale, bias, *, epsilon: float = 1e-5):
     """Cotangents ``(dx, dscale, dbias)`` of :func:`jaxconv.functional.layer_norm`."""
     _check_g(g, x.shape, fn="layer_norm_vjp")
-    x_hat, inv = F.standardise(x, (-1,), epsilon=epsilon)
+    mean = F.over_axes((-1,))
+    x_hat, inv = F.standardise(x, mean, epsilon=epsilon)
     batch_axes = tuple(range(x.ndim - 1))
-    return (_standardised_vjp(g * scale, x_hat, inv, (-1,)), jnp.sum(g * x_hat, axis=batch_axes),
+    return (_standardised_vjp(g * scale, x_hat, inv, mean), jnp.sum(g * x_hat, axis=batch_axes),
             jnp.sum(g, axis=batch_axes))
 
 
@@ -310,14 +310,11 @@ def group_norm_vjp(g, x, scale, bias, *, num_groups: int, epsilon: float = 1e-5)
     """Cotangents ``(dx, dscale, dbias)`` of :func:`jaxconv.functional.group_norm`: the standardisation's
     rule applied per (example, group), after ``scale`` (which varies inside a group) is folded into g."""
     _check_g(g, x.shape, fn="group_norm_vjp")
-    c = x.shape[-1]
-    grouped = lambda v: v.reshape(*x.shape[:-1], num_groups, c // num_groups)
-    xg = grouped(x)
-    axes = F.group_axes(xg.ndim)
-    x_hat, inv = F.standardise(xg, axes, epsilon=epsilon)
-    dx = _standardised_vjp(grouped(g * scale), x_hat, inv, axes).reshape(x.shape)
+    mean = F.over_groups(num_groups)
+    x_hat, inv = F.standardise(x, mean, epsilon=epsilon)
     batch_axes = tuple(range(x.ndim - 1))
-    return dx, jnp.sum(g * x_hat.reshape(x.shape), axis=batch_axes), jnp.sum(g, axis=batch_axes)
+    return (_standardised_vjp(g * scale, x_hat, inv, mean), jnp.sum(g * x_hat, axis=batch_axes),
+            jnp.sum(g, axis=batch_axes))
 
 
 # --------------------------------------------------------------------------- normalisation, dropout
@@ -346,8 +343,9 @@ def batch_norm_train_vjp(g, x, scale, bias, *, epsilon: float = 1e-5):
     """
     _check_g(g, x.shape, fn="batch_norm_train_vjp")
     axes = tuple(range(x.ndim - 1))
-    x_hat, inv = F.standardise(x, axes, epsilon=epsilon)
-    return _standardised_vjp(g * scale, x_hat, inv, axes), jnp.sum(g * x_hat, axis=axes), jnp.sum(g, axis=axes)
+    mean = F.over_axes(axes)
+    x_hat, inv = F.standardise(x, mean, epsilon=epsilon)
+    return _standardised_vjp(g * scale, x_hat, inv, mean), jnp.sum(g * x_hat, axis=axes), jnp.sum(g, axis=axes)
 
 
 def dropout_vjp(g, x, key, *, drop_rate: float, deterministic: bool = False):
