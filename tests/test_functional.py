@@ -1,4 +1,5 @@
 """Forward ops against the seeds' worked numbers, a NumPy loop, PyTorch, and their error messages."""
+import functools
 import math
 import re
 
@@ -105,7 +106,7 @@ def test_conv_matches_numpy_loop(rng, n_sp):
         if any(R.out_size(x.shape[1 + i], *pads[i], w.shape[i], opts["stride"][i], opts["dilation"][i]) < 1
                for i in range(n_sp)):
             continue
-        got = F.conv(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), precision="highest", **opts)
+        got = jax.jit(functools.partial(F.conv, precision="highest", **opts))(x, w, b)  # one program, not op by op
         want = R.conv(x.astype(np.float64), w.astype(np.float64), b, opts["stride"], pads, opts["dilation"],
                       opts["groups"])
         assert got.shape == want.shape, opts
@@ -124,7 +125,7 @@ def test_conv_matches_torch(rng):
         if any(R.out_size(x.shape[1 + i], *pads[i], w.shape[i], opts["stride"][i], opts["dilation"][i]) < 1
                for i in range(n_sp)):
             continue
-        got = F.conv(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), precision="highest", **opts)
+        got = jax.jit(functools.partial(F.conv, precision="highest", **opts))(x, w, b)
         conv = torch.nn.functional.conv1d if n_sp == 1 else torch.nn.functional.conv2d
         xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
         wt = torch.from_numpy(np.transpose(w, (n_sp + 1, n_sp) + tuple(range(n_sp))).copy())  # OI*K
@@ -148,13 +149,13 @@ def test_pools_match_numpy_loop(rng, n_sp):
         x, window, stride, padding = random_pool_case(rng, n_sp)
         padding = str(rng.choice(["VALID", "SAME"])) if rng.random() < 0.3 else padding
         pads = F.resolve_padding(padding, fn="t", in_spatial=x.shape[1:-1], window=window, stride=stride)
-        xj = jnp.asarray(x)
-        np.testing.assert_allclose(F.max_pool(xj, window, stride=stride, padding=padding),
-                                   R.pool(x, window, stride, pads, "max"), rtol=1e-6)
-        for include in (True, False):
-            np.testing.assert_allclose(
-                F.avg_pool(xj, window, stride=stride, padding=padding, count_include_pad=include),
-                R.pool(x, window, stride, pads, "avg", include), rtol=1e-5, atol=1e-6)
+        pools = jax.jit(lambda x: (F.max_pool(x, window, stride=stride, padding=padding),
+                                   *(F.avg_pool(x, window, stride=stride, padding=padding, count_include_pad=include)
+                                     for include in (True, False))))
+        maximum, *averages = pools(x)
+        np.testing.assert_allclose(maximum, R.pool(x, window, stride, pads, "max"), rtol=1e-6)
+        for include, average in zip((True, False), averages):
+            np.testing.assert_allclose(average, R.pool(x, window, stride, pads, "avg", include), rtol=1e-5, atol=1e-6)
 
 
 def test_pools_match_torch(rng):
@@ -165,13 +166,16 @@ def test_pools_match_torch(rng):
         x, window, stride, padding = random_pool_case(rng, n_sp)
         xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
         back = lambda t: np.moveaxis(t.numpy(), 1, -1)
+        pools = jax.jit(lambda x: (F.max_pool(x, window, stride=stride, padding=padding),
+                                   *(F.avg_pool(x, window, stride=stride, padding=padding, count_include_pad=include)
+                                     for include in (True, False))))
+        maximum, *averages = pools(x)
         max_t = (tf.max_pool1d if n_sp == 1 else tf.max_pool2d)(xt, window, stride, padding)
-        np.testing.assert_allclose(F.max_pool(jnp.asarray(x), window, stride=stride, padding=padding), back(max_t))
-        for include in (True, False):
+        np.testing.assert_allclose(maximum, back(max_t))
+        for include, average in zip((True, False), averages):
             avg_t = (tf.avg_pool1d if n_sp == 1 else tf.avg_pool2d)(xt, window, stride, padding,
                                                                      count_include_pad=include)
-            np.testing.assert_allclose(F.avg_pool(jnp.asarray(x), window, stride=stride, padding=padding,
-                                                  count_include_pad=include), back(avg_t), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(average, back(avg_t), rtol=1e-5, atol=1e-6)
 
 
 def test_max_pool_pads_with_minus_infinity():

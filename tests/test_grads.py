@@ -1,4 +1,5 @@
 """Hand-written backward passes against jax.vjp, finite differences and torch.autograd (float64)."""
+import functools
 import re
 
 import jax
@@ -92,10 +93,10 @@ def test_conv_and_pool_gradients_match_torch_autograd(rng):
         pad = tuple(int(v) for v in rng.integers(0, 3, n_sp))
         x = rng.normal(size=(2, *rng.integers(9, 12, n_sp), 2 * groups))
         w = rng.normal(size=(*k, 2, 2 * groups))
-        y = F.conv(jnp.asarray(x), jnp.asarray(w), stride=s, padding=pad, dilation=d, groups=groups)
+        opts = dict(stride=s, padding=pad, dilation=d, groups=groups)  # each call one program, not op by op
+        y = jax.jit(functools.partial(F.conv, **opts))(x, w)
         g = rng.normal(size=y.shape)
-        dx, dw, _ = G.conv_vjp(jnp.asarray(g), jnp.asarray(x), jnp.asarray(w), stride=s, padding=pad, dilation=d,
-                               groups=groups)
+        dx, dw, _ = jax.jit(functools.partial(G.conv_vjp, **opts))(g, x, w)
         xt = torch.tensor(np.moveaxis(x, -1, 1), requires_grad=True)
         wt = torch.tensor(np.transpose(w, (n_sp + 1, n_sp, *range(n_sp))), requires_grad=True)
         conv = tf.conv1d if n_sp == 1 else tf.conv2d
@@ -111,16 +112,15 @@ def test_conv_and_pool_gradients_match_torch_autograd(rng):
             xt = torch.tensor(np.moveaxis(x, -1, 1), requires_grad=True)
             if kind == "max":
                 out_t = (tf.max_pool1d if n_sp == 1 else tf.max_pool2d)(xt, window, s, pool_pad)
-                ours = lambda gg: G.max_pool_vjp(gg, jnp.asarray(x), window, **opts)
+                ours = jax.jit(lambda gg, x: G.max_pool_vjp(gg, x, window, **opts))
             else:
                 incl = kind == "avg_incl"
                 out_t = (tf.avg_pool1d if n_sp == 1 else tf.avg_pool2d)(xt, window, s, pool_pad,
                                                                          count_include_pad=incl)
-                ours = lambda gg, incl=incl: G.avg_pool_vjp(gg, jnp.asarray(x), window, count_include_pad=incl,
-                                                            **opts)
+                ours = jax.jit(lambda gg, x, incl=incl: G.avg_pool_vjp(gg, x, window, count_include_pad=incl, **opts))
             gp = rng.normal(size=out_t.shape)
             out_t.backward(torch.tensor(gp))
-            np.testing.assert_allclose(ours(jnp.asarray(np.moveaxis(gp, 1, -1))),
+            np.testing.assert_allclose(ours(np.moveaxis(gp, 1, -1), x),
                                        np.moveaxis(xt.grad.numpy(), 1, -1), rtol=1e-10, atol=1e-12)
 
 
