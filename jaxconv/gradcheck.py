@@ -179,11 +179,12 @@ def model_report(name: str, *, batch: int = 8, seed: int = 0, fd_steps: tuple = 
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         x, y = random_batch(model, batch, seed, dtype)
 
+        @jax.jit  # compiled once; the finite differences call it twice per step size and tensor
         def loss_fn(p, r=rest):
             return F.cross_entropy(nnx.merge(graphdef, p, r, copy=True)(x), y)
 
         with jax.default_matmul_precision("highest"):
-            _, manual = manual_value_and_grad(model, params, x, y)
+            _, manual = jax.jit(lambda p: manual_value_and_grad(model, p, x, y))(params)
             auto = jax.grad(loss_fn)(params)
         flat_m, flat_a = nnx.to_flat_state(manual), nnx.to_flat_state(auto)
         scale = max(float(jnp.max(jnp.abs(v[...]))) for v in flat_a.leaves)
@@ -198,7 +199,8 @@ def model_report(name: str, *, batch: int = 8, seed: int = 0, fd_steps: tuple = 
                 analytic = float(np.sum(gm * direction))
                 errors = []
                 for h in fd_steps:
-                    fd = (float(loss_fn(shift(h))) - float(loss_fn(shift(-h)))) / (2 * h)
+                    with jax.default_matmul_precision("highest"):
+                        fd = (float(loss_fn(shift(h))) - float(loss_fn(shift(-h)))) / (2 * h)
                     errors.append(abs(fd - analytic) / max(abs(fd), 1e-6 * scale))
                 fd_err = min(errors)
             rows.append((jnp.dtype(dtype).name, "/".join(map(str, path[1:])), float(np.max(np.abs(gm - ga))),
