@@ -101,14 +101,14 @@ def test_per_example_gradients_of_a_small_convnet_sum_to_the_batch_gradient():
         h = F.max_pool(h, (2, 2))
         return F.cross_entropy(F.dense(F.global_avg_pool(h, spatial_rank=2), p["v"]), yi)
 
-    per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, y)
+    per_example = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0)))(params, x, y)
     assert per_example["w"].shape == (6, 3, 3, 1, 4)
 
     def batch_loss(p):
         h = F.max_pool(F.relu(F.conv(x, p["w"], p["b"], padding=1)), (2, 2))
         return F.cross_entropy(F.dense(F.global_avg_pool(h), p["v"]), y)
 
-    batch = jax.grad(batch_loss)(params)
+    batch = jax.jit(jax.grad(batch_loss))(params)
     for k in params:
         np.testing.assert_allclose(per_example[k].mean(0), batch[k], rtol=1e-10, atol=1e-14)
 
