@@ -88,8 +88,12 @@ def _reference(layer, x, g):
     """``y``, ``dx`` and the parameter cotangents by path, from ``jax.vjp`` of the layer's ``__call__``
     on a copy (so batch statistics and dropout keys stay as they were)."""
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-    y, vjp = jax.vjp(lambda x, p: nnx.merge(graphdef, p, rest, copy=True)(x), x, params)
-    dx, dparams = vjp(g)
+
+    @jax.jit  # one program (op by op, each primitive would compile on its own)
+    def reference(x, p, g):
+        y, vjp = jax.vjp(lambda x, p: nnx.merge(graphdef, p, rest, copy=True)(x), x, p)
+        return y, *vjp(g)
+    y, dx, dparams = reference(x, params, g)
     return y, dx, {path: v[...] for path, v in nnx.to_flat_state(dparams)}
 
 
