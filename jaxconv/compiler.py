@@ -27,22 +27,30 @@ import jax
 CPU_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
+# For a program that runs once (building a model's initial state), LLVM's optimisation level 1 instead of XLA's
+# default: the same numbers, bit for bit (all 13 registered models, two seeds each), compiled 2-3x sooner
+# (ResNet-20's 4.24 -> 1.39 s, mnist1d_cnn's 1.41 -> 0.51 s; level 0 is sooner still but rounds differently).
+ONCE_CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
-def compiler_options(backend: str | None = None) -> dict:
-    """The XLA options jaxconv adds to its compiled functions on ``backend`` (default: JAX's)."""
+def compiler_options(backend: str | None = None, *, once: bool = False) -> dict:
+    """The XLA options jaxconv adds to its compiled functions on ``backend`` (default: JAX's); ``once``: to a
+    program that runs once (:func:`jit_once`)."""
     if switched_off(os.environ.get("JAXCONV_XLA_OPTIONS")):
         return {}
     if (backend or jax.default_backend()) != "cpu":
         return {}
     flags = os.environ.get("XLA_FLAGS", "")
-    return {k: v for k, v in _accepted_cpu_options() if k not in flags}
+    options = _accepted_cpu_options(tuple(CPU_OPTIONS.items()))
+    if once:
+        options += _accepted_cpu_options(tuple(ONCE_CPU_OPTIONS.items()))
+    return {k: v for k, v in options if k not in flags}
 
 
 @functools.cache
-def _accepted_cpu_options() -> tuple:
+def _accepted_cpu_options(candidates: tuple) -> tuple:
     accepted = []
-    for key, value in CPU_OPTIONS.items():
+    for key, value in candidates:
         try:
             jax.jit(lambda x: x + 1, compiler_options={key: value}).lower(1.0).compile()
         except Exception:  # noqa: BLE001 - any rejection means: keep XLA's default for this option
@@ -54,6 +62,13 @@ def _accepted_cpu_options() -> tuple:
 def jit(fun, **kwargs):
     """``jax.jit(fun, **kwargs)`` with :func:`compiler_options` for the default backend added."""
     options = {**compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
+    return jax.jit(fun, compiler_options=options or None, **kwargs)
+
+
+def jit_once(fun, **kwargs):
+    """:func:`jit` for a program that runs once, such as building a model's initial state: on a CPU it is
+    compiled with less optimisation (``ONCE_CPU_OPTIONS``), where the compile, not the run, is what takes time."""
+    options = {**compiler_options(once=True), **(kwargs.pop("compiler_options", None) or {})}
     return jax.jit(fun, compiler_options=options or None, **kwargs)
 
 

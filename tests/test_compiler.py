@@ -26,6 +26,17 @@ def test_cpu_gets_the_options(monkeypatch, fresh_probe):
     assert compiler.compiler_options("cpu") == compiler.CPU_OPTIONS
 
 
+def test_a_program_run_once_gets_less_optimisation_on_a_cpu_only(monkeypatch, fresh_probe):
+    monkeypatch.delenv("JAXCONV_XLA_OPTIONS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert compiler.compiler_options("cpu", once=True) == {**compiler.CPU_OPTIONS, **compiler.ONCE_CPU_OPTIONS}
+    assert compiler.compiler_options("gpu", once=True) == {}
+    seen = {}
+    monkeypatch.setattr(compiler.jax, "jit", lambda f, **kw: seen.update(kw) or f)
+    compiler.jit_once(abs)
+    assert seen["compiler_options"] == compiler.compiler_options(once=True)
+
+
 @pytest.mark.parametrize("env, flags, backend", [
     ({"JAXCONV_XLA_OPTIONS": "0"}, "", "cpu"),
     ({"JAXCONV_XLA_OPTIONS": "off"}, "", "cpu"),

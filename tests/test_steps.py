@@ -11,6 +11,7 @@ from flax import nnx
 
 from jaxconv import parallel
 from jaxconv.data import DATASETS
+from jaxconv.models import create_model
 from jaxconv.steps import (augment, confusion_matrix, evaluate, init_replicas, make_optimizer, make_replica_steps,
                            make_schedule, normalise)
 from jaxconv.train import TrainConfig, resolve
@@ -150,6 +151,32 @@ def test_random_crop_of_one_dimensional_signals_draws_every_shift_alike():
         shifts.append(match[0])
     share = np.bincount(shifts, minlength=7) / n
     assert share.min() > 0.10 and share.max() < 0.19  # uniform over the 7 shifts: 1/7 = 0.143 each
+
+
+# ----------------------------------------------------------------------------------------- initial state
+
+
+@pytest.mark.parametrize("model, dataset", [("mnist1d_deep", "mnist1d"), ("lenet5", "mnist")])
+def test_each_replica_starts_from_create_models_weights_bit_for_bit(model, dataset):
+    """The run's initial state, built in one program for all seeds (compiled with less optimisation on a CPU,
+    graph definitions from an abstract build), holds exactly the weights and statistics ``create_model`` gives
+    each seed, and its graph definitions merge them into the same model."""
+    c = config(model=model, dataset=dataset)
+    info = DATASETS[dataset]
+    state, g_train, g_eval, _ = init_replicas(c, [3, 4], info.input_shape, info.num_classes, 5,
+                                              parallel.make_mesh(1))
+    x = jax.random.normal(jax.random.key(0), (2, *info.input_shape))
+    for k, seed in enumerate((3, 4)):
+        eager = create_model(model, input_shape=info.input_shape, num_classes=info.num_classes, seed=seed)
+        mine = jax.tree.map(lambda a: a[k], (state.params, state.model_state))
+        theirs = (nnx.state(eager, nnx.Param), nnx.state(eager, nnx.Not(nnx.Param)))
+        assert jax.tree.structure(mine) == jax.tree.structure(theirs)
+        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        eager.eval()
+        np.testing.assert_array_equal(np.asarray(nnx.merge(g_eval, *mine)(x)), np.asarray(eager(x)))
+        eager.train()
+        assert nnx.graphdef(eager) == g_train
 
 
 # ----------------------------------------------------------------------------------------- evaluation
