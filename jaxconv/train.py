@@ -305,7 +305,7 @@ def _fit(config, resume, overwrite, dataset, log, signals, started):
     per_epoch = {"val": validation} if validation else {"test": test}
     if validation and config.test_every_epoch:
         per_epoch["test"] = test
-    schedule = make_schedule(config, steps)
+    schedule = jax.jit(make_schedule(config, steps))  # one program for the logged rate, not one per op
     order_of = _order_function(mesh, steps, batch)
     keep_best = jax.jit(lambda better, new, old: jax.tree.map(
         lambda a, b: jnp.where(better.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old),
