@@ -7,21 +7,27 @@ import struct
 
 import numpy as np
 from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
 
 from jaxconv.data import load_dataset
-from jaxconv.events import tag
+from jaxconv.events import crc32c, tag
 from jaxconv.train import TrainConfig, fit
 from tests.test_train import quiet, subset
 
 
 def read_events(path):
-    """The events of one file, read as TFRecords (length, its CRC, the Event proto, its CRC)."""
+    """The events of one file, read as TFRecords (length, its CRC, the Event proto, its CRC), every checksum
+    checked with tensorboardX's own."""
     events, raw = [], open(path, "rb").read()
     at = 0
     while at < len(raw):
         (length,) = struct.unpack("<Q", raw[at:at + 8])
-        events.append(event_pb2.Event.FromString(raw[at + 12:at + 12 + length]))
+        assert struct.unpack("<I", raw[at + 8:at + 12])[0] == masked_crc32c(raw[at:at + 8])
+        data = raw[at + 12:at + 12 + length]
+        assert struct.unpack("<I", raw[at + 12 + length:at + 16 + length])[0] == masked_crc32c(data)
+        events.append(event_pb2.Event.FromString(data))
         at += 12 + length + 4
+    assert at == len(raw)
     return events
 
 
@@ -58,6 +64,8 @@ def test_event_files_hold_every_epoch_and_a_resume_drops_the_lost_steps(tmp_path
     config = TrainConfig(epochs=2, out=out, val_split=0.25, test_every_epoch=True)
     history = fit(config, dataset=data, log=quiet)
     shown = scalars(out)
+    [path] = glob.glob(os.path.join(out, "tensorboard", "events.out.tfevents.*"))
+    assert read_events(path)[0].file_version == "brain.Event:2"
     assert {"loss/train", "accuracy/val", "accuracy/test", "lr", "throughput/images_per_s"} <= set(shown)
     check_against(history, shown)
 
@@ -74,3 +82,8 @@ def test_event_files_hold_every_epoch_and_a_resume_drops_the_lost_steps(tmp_path
 def test_tags_group_the_splits():
     assert [tag(f) for f in ("train_loss", "val_accuracy", "test_loss", "lr", "images_per_s_per_device", "wall_s")] == [
         "loss/train", "accuracy/val", "loss/test", "lr", "throughput/images_per_s_per_device", "time/wall_s"]
+
+
+def test_the_checksum_is_crc32c():
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert crc32c(b"") == 0
