@@ -14,6 +14,8 @@ the summary table, receptive fields, FLOPs and hand-written backprop work on any
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable
@@ -322,6 +324,19 @@ def create_model(name: str, *, input_shape=None, num_classes: int | None = None,
             f"create_model: {name} takes {len(spec.input_shape) - 1}-D inputs like {spec.input_shape}, "
             f"got input shape {input_shape}"
         )
+    options = (name, input_shape, num_classes, grad, dtype, param_dtype)
+    if rngs is None and type(seed) is int and -2 ** 31 <= seed < 2 ** 31 - 1 and not _tracing():
+        # The initial state as one compiled program (the same numbers, bit for bit): eagerly, XLA compiled every
+        # initialiser op for every shape on its own (ResNet-20: 10.8 -> 4.0 s in a fresh process, ResNet-50
+        # 15.0 -> 10.0 s, on a loaded 2-core CPU). The graph definition comes from an abstract build. Under a
+        # transformation (jit, vmap, eval_shape) the build is traced into the caller's program as it is.
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: _build(*options, seed=seed)))
+        return nnx.merge(graphdef, _initial_state()(*options, jnp.int32(seed)))
+    return _build(*options, seed=seed, rngs=rngs)
+
+
+def _build(name, input_shape, num_classes, grad, dtype, param_dtype, *, seed, rngs=None) -> Sequential:
+    spec = _REGISTRY[name]
     if rngs is None:  # a traced seed (models built under jax.vmap, one per seed) becomes a key as an int would
         key = (lambda s: s) if isinstance(seed, int) else jax.random.key
         rngs = nnx.Rngs(params=key(seed), dropout=key(seed + 1))
@@ -333,7 +348,21 @@ def create_model(name: str, *, input_shape=None, num_classes: int | None = None,
     return builder.build(name)
 
 
+def _tracing() -> bool:
+    """Whether this call is being traced (inside jit, vmap, eval_shape, ...): every array op made there is a tracer."""
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
+
+
+@functools.cache
+def _initial_state():
+    """``(name, input_shape, num_classes, grad, dtype, param_dtype, seed) -> nnx.State`` of the built model, compiled
+    once per model and options (the seed is traced), with :func:`jaxconv.compiler.jit_once`."""
+    from jaxconv import compiler
+    return compiler.jit_once(lambda *options: nnx.state(_build(*options[:-1], seed=options[-1])),
+                             static_argnums=(0, 1, 2, 3, 4, 5))
+
+
 def count_params(module) -> int:
     """Number of scalar parameters (``nnx.Param``) in a module."""
     state = nnx.state(module, nnx.Param)
-    return int(sum(jnp.size(v) for v in nnx.to_flat_state(state).leaves))
+    return int(sum(math.prod(v.shape) for v in nnx.to_flat_state(state).leaves))  # abstract ones too (eval_shape)

@@ -95,7 +95,21 @@ def test_bad_layer_arguments():
                                           ("cifar_resnet18", 11_173_962), ("resnet18", 11_689_512),
                                           ("resnet50", 25_557_032)])
 def test_parameter_counts(name, params):
-    assert count_params(create_model(name)) == params
+    assert count_params(nnx.eval_shape(lambda: create_model(name))) == params  # the architecture's: no weights drawn
+
+
+@pytest.mark.parametrize("name, options", [("mnist1d_deep", {}), ("lenet5", dict(grad="manual", seed=5)),
+                                           ("unet_small", dict(dtype=jnp.bfloat16, seed=2))])
+def test_create_model_draws_the_op_by_op_weights_in_one_program(name, options):
+    """create_model builds the initial state in one compiled program: the same parameters, BatchNorm statistics
+    and dropout keys, bit for bit, as building the model op by op from the same generators."""
+    seed = options.get("seed", 0)
+    one = create_model(name, **options)
+    ops = create_model(name, **options, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    assert nnx.graphdef(one) == nnx.graphdef(ops)
+    unkey = lambda a: jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a
+    for a, b in zip(jax.tree.leaves(nnx.state(one)), jax.tree.leaves(nnx.state(ops)), strict=True):
+        np.testing.assert_array_equal(np.asarray(unkey(a)), np.asarray(unkey(b)))
 
 
 def test_every_model_runs_in_both_grad_modes():
