@@ -331,7 +331,9 @@ def create_model(name: str, *, input_shape=None, num_classes: int | None = None,
         # 15.0 -> 10.0 s, on a loaded 2-core CPU). The graph definition comes from an abstract build. Under a
         # transformation (jit, vmap, eval_shape) the build is traced into the caller's program as it is.
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: _build(*options, seed=seed)))
-        return nnx.merge(graphdef, _initial_state()(*options, jnp.int32(seed)))
+        # the gradient mode and compute dtype change no weight: one program serves them all
+        return nnx.merge(graphdef, _initial_state()(name, input_shape, num_classes, "auto", None, param_dtype,
+                                                    jnp.int32(seed)))
     return _build(*options, seed=seed, rngs=rngs)
 
 
