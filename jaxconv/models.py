@@ -327,8 +327,8 @@ def create_model(name: str, *, input_shape=None, num_classes: int | None = None,
     options = (name, input_shape, num_classes, grad, dtype, param_dtype)
     if rngs is None and type(seed) is int and -2 ** 31 <= seed < 2 ** 31 - 1 and not _tracing():
         # The initial state as one compiled program (the same numbers, bit for bit): eagerly, XLA compiled every
-        # initialiser op for every shape on its own (ResNet-20: 10.8 -> 4.0 s in a fresh process, ResNet-50
-        # 15.0 -> 10.0 s, on a loaded 2-core CPU). The graph definition comes from an abstract build. Under a
+        # initialiser op for every shape on its own (ResNet-20: 4.52 -> 1.82 s in a fresh process, ResNet-50
+        # 6.26 -> 5.27 s, the 2-core CPU). The graph definition comes from an abstract build. Under a
         # transformation (jit, vmap, eval_shape) the build is traced into the caller's program as it is.
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: _build(*options, seed=seed)))
         # the gradient mode and compute dtype change no weight: one program serves them all
