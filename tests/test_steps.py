@@ -159,15 +159,16 @@ def test_random_crop_of_one_dimensional_signals_draws_every_shift_alike():
 @pytest.mark.parametrize("model, dataset", [("mnist1d_deep", "mnist1d"), ("lenet5", "mnist")])
 def test_each_replica_starts_from_create_models_weights_bit_for_bit(model, dataset):
     """The run's initial state, built in one program for all seeds (compiled with less optimisation on a CPU,
-    graph definitions from an abstract build), holds exactly the weights and statistics ``create_model`` gives
-    each seed, and its graph definitions merge them into the same model."""
+    graph definitions from an abstract build), holds exactly the weights and statistics of the model built op by
+    op for each seed, and its graph definitions merge them into the same model."""
     c = config(model=model, dataset=dataset)
     info = DATASETS[dataset]
     state, g_train, g_eval, _ = init_replicas(c, [3, 4], info.input_shape, info.num_classes, 5,
                                               parallel.make_mesh(1))
     x = jax.random.normal(jax.random.key(0), (2, *info.input_shape))
     for k, seed in enumerate((3, 4)):
-        eager = create_model(model, input_shape=info.input_shape, num_classes=info.num_classes, seed=seed)
+        eager = create_model(model, input_shape=info.input_shape, num_classes=info.num_classes,
+                             rngs=nnx.Rngs(params=seed, dropout=seed + 1))  # op by op, as create_model's seed
         mine = jax.tree.map(lambda a: a[k], (state.params, state.model_state))
         theirs = (nnx.state(eager, nnx.Param), nnx.state(eager, nnx.Not(nnx.Param)))
         assert jax.tree.structure(mine) == jax.tree.structure(theirs)
