@@ -73,10 +73,10 @@ class EventLog:
 
 
 def event(step: int, *, file_version: str | None = None, session_start: bool = False,
-          scalars: dict[str, float] | None = None, wall_time: float | None = None) -> bytes:
+          scalars: dict[str, float] | None = None) -> bytes:
     """A serialised ``tensorflow.Event``: wall_time (1), step (2) and one of file_version (3), summary (5: its
     values, each a tag (1) and a float simple_value (2)) or session_log (7: status (1) START = 1)."""
-    body = _key(1, 1) + struct.pack("<d", time.time() if wall_time is None else wall_time)
+    body = _key(1, 1) + struct.pack("<d", time.time())
     body += _key(2, 0) + _varint(step)
     if file_version is not None:
         body += _bytes_field(3, file_version.encode())
