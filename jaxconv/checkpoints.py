@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
+from jaxconv import parallel
+
 
 class CheckpointMismatch(ValueError):
     """A checkpoint does not fit the state it is restored into; the message names the paths."""
@@ -104,17 +106,30 @@ def reader(folder: str):
 
 
 def save(mgr, step: int, state) -> None:
-    """Write ``state`` as checkpoint ``step`` (a step already saved is left as it is: same step, same state)."""
+    """Write ``state`` as checkpoint ``step`` (a step already saved is left as it is: same step, same state).
+
+    Replicated arrays are copied to the host first, one copy per array, and Orbax writes those: handed arrays
+    replicated over several devices, Orbax splits each into a slice per device to write them in parallel
+    (``use_replica_parallel``), which compiles a slicing program per array shape and device on the first save
+    (ResNet-50's state on 4 CPU devices: 4.9 s against 0.5 s from the host, later saves 1.3-1.6 s against
+    0.4-0.5 s); a training state replicated on every device is that case. Arrays split across devices are
+    handed to Orbax as they are."""
     import orbax.checkpoint as ocp
     if step in mgr.all_steps():
         return
+    on_host = {name: parallel.fetch(value) if _replicated(value) else value
+               for name, value in named_leaves(state).items()}
     try:
-        mgr.save(step, args=ocp.args.StandardSave(nest(named_leaves(state))), force=True)
+        mgr.save(step, args=ocp.args.StandardSave(nest(on_host)), force=True)
         mgr.wait_until_finished()
     except Exception as err:  # Orbax reports a full disk as a ValueError from its writer threads
         if "No space left on device" in str(err) or "os_error_code='28'" in str(err):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(mgr.directory)) from None
         raise
+
+
+def _replicated(value) -> bool:
+    return isinstance(value, jax.Array) and value.sharding.is_fully_replicated
 
 
 def stored(mgr, step: int) -> dict[str, tuple[tuple, np.dtype]]:

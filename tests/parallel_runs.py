@@ -41,10 +41,37 @@ def devices(out: str, n_train: int = 600, n_test: int = 200) -> dict:
     return result
 
 
+def programs_made_while_saving() -> list:
+    """From now on, count the programs JAX lowers (compiled or found in a cache) while :func:`checkpoints.save`
+    runs: one entry per program."""
+    import jax
+
+    from jaxconv import checkpoints
+    made, saving = [], []
+
+    def listen(event, duration, **kwargs):
+        if saving and event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            made.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    save = checkpoints.save
+
+    def counted(*args, **kwargs):
+        saving.append(True)
+        try:
+            return save(*args, **kwargs)
+        finally:
+            saving.pop()
+    checkpoints.save = counted
+    return made
+
+
 def portable(out: str) -> dict:
-    """A run stopped after epoch 1 on ``a`` devices and resumed on ``b``, against one never stopped."""
+    """A run stopped after epoch 1 on ``a`` devices and resumed on ``b``, against one never stopped; and how
+    many programs saving the checkpoints of a state replicated on 4 devices made."""
     data = subset(600, 200)
+    made = programs_made_while_saving()
     result = {"whole": fit(TrainConfig(epochs=2, devices=4, out=f"{out}/whole"), dataset=data, log=lambda *a: None)}
+    result["programs_made_while_saving"] = len(made)
     for a, b in ((4, 1), (1, 4)):
         config = TrainConfig(epochs=2, devices=a, out=f"{out}/{a}to{b}")
         try:
