@@ -120,14 +120,15 @@ def test_layers_that_know_their_rank_take_one_example(grad):
     for layer in [L.Conv2d(2, 4, 3, padding=1, grad=grad, rngs=rngs), L.MaxPool2d(2, grad=grad),
                   L.AvgPool((3, 3), stride=1, grad=grad), L.Upsample((2, 1), grad=grad),
                   L.ConvTranspose2d(2, 3, 3, stride=2, grad=grad, rngs=rngs), L.LayerNorm(2, rngs=rngs)]:
-        y = layer(x)
-        np.testing.assert_allclose(jnp.stack([layer(xi) for xi in x]), y, rtol=1e-12, atol=1e-12,
-                                   err_msg=type(layer).__name__)
-        g = jax.grad(lambda v: jnp.sum(jnp.sin(layer(v))))(x)
-        g1 = jnp.stack([jax.grad(lambda v: jnp.sum(jnp.sin(layer(v))))(xi) for xi in x])
+        @jax.jit  # one program per layer (op by op, each primitive would compile on its own)
+        def batch_and_examples(x, layer=layer):
+            f = lambda v: jnp.sum(jnp.sin(layer(v)))
+            y0, back = layer.forward_and_backward(x[0])
+            return (layer(x), jnp.stack([layer(xi) for xi in x]), jax.grad(f)(x),
+                    jnp.stack([jax.grad(f)(xi) for xi in x]), back(jnp.cos(y0))[0])
+        y, ys, g, g1, dx0 = batch_and_examples(x)
+        np.testing.assert_allclose(ys, y, rtol=1e-12, atol=1e-12, err_msg=type(layer).__name__)
         np.testing.assert_allclose(g1, g, rtol=1e-10, atol=1e-12, err_msg=type(layer).__name__)
-        y0, back = layer.forward_and_backward(x[0])
-        dx0, _ = back(jnp.cos(y0))
         np.testing.assert_allclose(dx0, g[0], rtol=1e-10, atol=1e-12, err_msg=type(layer).__name__)
     dense = L.Dense(5, 2, grad=grad, rngs=rngs)
     v = jax.random.normal(jax.random.PRNGKey(2), (4, 5), jnp.float64)
