@@ -90,8 +90,6 @@ def test_four_devices_train_as_one(tmp_path):
         assert [r["test_accuracy"] for r in one] == [r["test_accuracy"] for r in four]
         assert [(r["devices"], r["processes"]) for r in one + four] == [(1, 1)] * 3 + [(4, 1)] * 3
         assert all(r["images_per_s_per_device"] * 4 == pytest.approx(r["images_per_s"]) for r in four)
-    one, four = runs["mnist1d_deep/float32/1"], runs["mnist1d_deep/float32/4"]
-    assert worst_relative(one, four) < 0.1  # the same run, drifting apart
     for seed in range(2):  # --seeds 2 --devices 4: every replica's batches split over the 4 devices
         one, four = runs["seeds/1"][seed], runs["seeds/4"][seed]
         assert worst_relative(one, four) <= 1e-4 and [r["devices"] for r in four] == [4, 4]
