@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxconv import MODELS, create_model
+from jaxconv import compiler
 from jaxconv import functional as F
 from jaxconv.gradcheck import rel_error
 from tests.conftest import SHARED_DATA
@@ -117,7 +118,7 @@ def test_unet_learns_a_foreground_mask_on_real_digits(grad):
             return manual_value_and_grad(nnx.merge(graphdef, p, rest), p, xb, yb)
         return jax.value_and_grad(lambda q: F.cross_entropy(nnx.merge(graphdef, q, rest, copy=True)(xb), yb))(p)
 
-    @jax.jit
+    @compiler.jit
     def step(p, o, i):
         xb, yb = jax.lax.dynamic_slice_in_dim(x, i * 32, 32), jax.lax.dynamic_slice_in_dim(masks, i * 32, 32)
         loss, g = loss_and_grad(p, xb, yb)
@@ -128,7 +129,7 @@ def test_unet_learns_a_foreground_mask_on_real_digits(grad):
     for i in range(60):
         params, opt, loss = step(params, opt, i % 8)
         losses.append(float(loss))
-    pred = jnp.argmax(nnx.merge(graphdef, params, rest)(x[256:]), -1)
+    pred = compiler.jit(lambda p, xb: jnp.argmax(nnx.merge(graphdef, p, rest, copy=True)(xb), -1))(params, x[256:])
     accuracy = float(jnp.mean(pred == masks[256:]))
     background = float(jnp.mean(masks[256:] == 0))
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
