@@ -112,8 +112,8 @@ def save(mgr, step: int, state) -> None:
     replicated over several devices, Orbax splits each into a slice per device to write them in parallel
     (``use_replica_parallel``), which compiles a slicing program per array shape and device on the first save
     (ResNet-50's state on 4 CPU devices, ``benchmarks/checkpoint_save.py``: 5.0-5.2 s against 0.4-1.2 s from
-    the host, later saves 1.2-1.6 s against 0.5-1.0 s); a training state replicated on every device is that case. Arrays split across devices are
-    handed to Orbax as they are."""
+    the host, later saves 1.2-1.6 s against 0.5-1.0 s); a training state replicated on every device is that
+    case. Arrays split across devices are handed to Orbax as they are."""
     import orbax.checkpoint as ocp
     if step in mgr.all_steps():
         return
