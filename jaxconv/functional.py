@@ -744,8 +744,9 @@ def _low_precision_matmul_fwd(a, b, precision):
 
 
 def _low_precision_matmul_bwd(precision, residuals, g):
-    # autodiff of the float32-accumulating dot would take the float32 cotangent into float32 dots; these stay on
-    # the low-precision kernel: g @ b^T and a^T @ g, accumulated in float32 again.
+    # autodiff of the float32-accumulating dot would take the float32 cotangent into float32 dots; these stay
+    # low-precision dots accumulated in float32, g @ b^T and a^T @ g, in the traced program. (XLA:CPU compiles both,
+    # their operands transposed, as float32 dots of converted operands, as it does autodiff's: the same program.)
     a, b = residuals
     g = g.astype(a.dtype)
     return _low_precision_matmul(g, b.T, precision), _low_precision_matmul(a.T, g, precision)
