@@ -734,25 +734,30 @@ def matmul(a, b, *, precision=None):
     return jnp.dot(a, b, precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _low_precision_matmul(a, b, precision):
     return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-def _low_precision_matmul_fwd(a, b, precision):
-    return _low_precision_matmul(a, b, precision), (a, b)
+@_low_precision_matmul.defjvp
+def _low_precision_matmul_jvp(precision, primals, tangents):
+    a, b = primals
+    da, db = tangents
+    return (_low_precision_matmul(a, b, precision),
+            _low_precision_product(da, b, precision) + _low_precision_product(a, db, precision))
 
 
-def _low_precision_matmul_bwd(precision, residuals, g):
-    # autodiff of the float32-accumulating dot would take the float32 cotangent into float32 dots; these stay
-    # low-precision dots accumulated in float32, g @ b^T and a^T @ g, in the traced program. (XLA:CPU compiles both,
-    # their operands transposed, as float32 dots of converted operands, as it does autodiff's: the same program.)
-    a, b = residuals
-    g = g.astype(a.dtype)
-    return _low_precision_matmul(g, b.T, precision), _low_precision_matmul(a.T, g, precision)
-
-
-_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+def _low_precision_product(u, v, precision):
+    """``u @ v`` in the derivative of the low-precision matmul, linear in the tangent; reverse mode transposes it
+    into the two backward products. Autodiff of the float32-accumulating dot would transpose into dots of the
+    float32 cotangent and a low-precision operand, which GPUs and TPUs would run in float32; a dot whose output
+    is low-precision transposes into low-precision dots (``g @ v^T``, ``u^T @ g``), which their matrix units
+    accumulate in float32. XLA:CPU runs such a dot on a slow path and the float32-accumulating one's transposes as
+    float32 dots of converted operands (the same program as for the custom rule it replaced), so a CPU keeps that
+    form. Forward mode (``jax.jvp``, ``jax.hessian``) works as for any op."""
+    accumulating = lambda u, v: jnp.dot(u, v, precision=precision, preferred_element_type=jnp.float32).astype(u.dtype)
+    low = lambda u, v: jnp.dot(u, v, precision=precision, preferred_element_type=u.dtype)
+    return lax.platform_dependent(u, v, cpu=accumulating, default=low)
 
 
 @one_example(_matrix_rank)
