@@ -736,7 +736,12 @@ def matmul(a, b, *, precision=None):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _low_precision_matmul(a, b, precision):
-    return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32).astype(a.dtype)
+    return _accumulating_dot(a, b, precision)
+
+
+def _accumulating_dot(u, v, precision):
+    """``u @ v`` accumulated in float32, rounded once to ``u``'s dtype."""
+    return jnp.dot(u, v, precision=precision, preferred_element_type=jnp.float32).astype(u.dtype)
 
 
 @_low_precision_matmul.defjvp
@@ -755,9 +760,8 @@ def _low_precision_product(u, v, precision):
     accumulate in float32. XLA:CPU runs such a dot on a slow path and the float32-accumulating one's transposes as
     float32 dots of converted operands (the same program as for the custom rule it replaced), so a CPU keeps that
     form. Forward mode (``jax.jvp``, ``jax.hessian``) works as for any op."""
-    accumulating = lambda u, v: jnp.dot(u, v, precision=precision, preferred_element_type=jnp.float32).astype(u.dtype)
     low = lambda u, v: jnp.dot(u, v, precision=precision, preferred_element_type=u.dtype)
-    return lax.platform_dependent(u, v, cpu=accumulating, default=low)
+    return lax.platform_dependent(u, v, cpu=functools.partial(_accumulating_dot, precision=precision), default=low)
 
 
 @one_example(_matrix_rank)
