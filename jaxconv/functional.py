@@ -290,6 +290,8 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
     x, w = x.astype(dtype), w.astype(dtype)
     if groups == 1 and any(cpu_kernels(x.shape, w.shape, stride, pads, dilation)):
         y = _cpu_conv(x, w, stride, pads, dilation, precision)
+    elif groups > 1 and groups == x.shape[-1]:
+        y = _depthwise_conv(x, w, stride, pads, dilation, precision)
     else:
         y = _xla_conv(x, w, stride, pads, dilation, groups, precision)
     return y if b is None else y + b.astype(y.dtype)
@@ -394,6 +396,60 @@ def tap_sum(x, w, *, stride, pads, dilation):
         for c in range(w.shape[-2]):
             term = piece[..., c:c + 1] * w[(*tap, c)].astype(acc)
             y = term if y is None else y + term
+    return y.astype(x.dtype)
+
+
+# Depthwise convs (groups = C_in, any channel multiplier) on a CPU: XLA:CPU runs them 15-170x slower than PyTorch
+# (python benchmarks/depthwise_vs_torch.py), its convolution looping over the channels as groups. Their forward and
+# input gradient are a sum of taps instead, one fused loop; the weight gradient, whose sum of taps transposes into
+# one reduction per tap, only from DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS output channels on (below it XLA's
+# grouped weight-gradient convolution is the faster).
+DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS = 128
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _depthwise_conv(x, w, stride, pads, dilation, precision):
+    """A depthwise conv (``groups == C_in``): :func:`depthwise_tap_sum` on a CPU, XLA's convolution elsewhere (chosen
+    when the program is lowered for its platform). Its derivative is linear in the tangents, so reverse mode
+    transposes it: the tap sum's transpose for the input gradient (each tap's ``g * w[k]`` padded back over the
+    input), and for the weight gradient one reduction per tap or XLA's convolution (see the module's
+    thresholds); forward mode (``jax.jvp``) and ``jax.vmap`` work as for any op."""
+    return _depthwise(x, w, stride, pads, dilation, precision, cpu=True)
+
+
+def _depthwise(a, b, stride, pads, dilation, precision, *, cpu: bool):
+    """``conv(a, b)`` depthwise with these options: by taps on a CPU where ``cpu``, else XLA's convolution."""
+    xla = functools.partial(_xla_conv, stride=stride, pads=pads, dilation=dilation, groups=a.shape[-1],
+                            precision=precision)
+    if not cpu:
+        return xla(a, b)
+    taps = functools.partial(depthwise_tap_sum, stride=stride, pads=pads, dilation=dilation)
+    return lax.platform_dependent(a, b, cpu=taps, default=xla)
+
+
+@_depthwise_conv.defjvp
+def _depthwise_conv_jvp(stride, pads, dilation, precision, primals, tangents):
+    x, w = primals
+    dx, dw = tangents
+    linear = functools.partial(_depthwise, stride=stride, pads=pads, dilation=dilation, precision=precision)
+    by_taps = w.shape[-1] >= DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS
+    return _depthwise_conv(x, w, stride, pads, dilation, precision), linear(dx, w, cpu=True) + linear(x, dw, cpu=by_taps)
+
+
+def depthwise_tap_sum(x, w, *, stride, pads, dilation):
+    """A depthwise ``conv(x, w)`` (``w: [*kernel, 1, m * C_in]``, options resolved per axis) as a sum over kernel taps
+    of a strided slice of the padded input, each channel repeated m times, times the tap's row of the kernel:
+    ``y[.., c*m + j] = sum_k x_pad[.., k*D + o*S, c] w[k, 0, c*m + j]``, accumulated in float32 at least."""
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    multiplier = w.shape[-1] // x.shape[-1]
+    _, pieces = window_pieces(x, w.shape[:x.ndim - 2], stride=stride, pads=pads, dilation=dilation)
+    y = None
+    for tap, piece in pieces:
+        piece = piece.astype(acc)
+        if multiplier > 1:
+            piece = jnp.repeat(piece, multiplier, axis=-1)
+        term = piece * w[(*tap, 0)].astype(acc)
+        y = term if y is None else y + term
     return y.astype(x.dtype)
 
 

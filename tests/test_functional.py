@@ -408,6 +408,81 @@ def test_what_a_cpu_runs_for_a_conv_keeps_its_numbers(rng, monkeypatch):
     assert convolves(x16, one_by_one)[2]
 
 
+@pytest.mark.x64  # float64 against the NumPy loop and lax's convolution at 1e-12
+def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng, monkeypatch):
+    """Depthwise convs (groups = C_in, channel multiplier 1-3) on 1-3 spatial axes with stride, dilation and uneven
+    padding, which a CPU runs as sums of taps (functional.depthwise_tap_sum) and, from
+    DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS output channels on, takes the weight gradient of by taps too: values
+    and forward-mode derivatives equal the direct loop's, gradients lax.conv_general_dilated's, on both sides of
+    the threshold; jax.vmap and jax.hessian go through."""
+    from jax import lax
+    monkeypatch.setattr(F, "DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS", 6)
+    worst, ran, weight_paths = 0.0, 0, set()
+    while ran < 36:
+        n_sp = 1 + ran % 3
+        c_in, multiplier = int(rng.integers(2, 5)), 1 + ran % 3
+        kernel = tuple(int(k) for k in rng.integers(1, 4, n_sp))
+        stride, dilation = (tuple(int(v) for v in rng.integers(1, 3, n_sp)) for _ in range(2))
+        pads = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (n_sp, 2)))
+        size = tuple(int(v) for v in rng.integers(5, 9, n_sp))
+        if any(R.out_size(s, *p, k, st, d) < 1 for s, p, k, st, d in zip(size, pads, kernel, stride, dilation)):
+            continue
+        weight_paths.add(c_in * multiplier >= F.DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS)
+        x = rng.normal(size=(2, *size, c_in))
+        w = rng.normal(size=(*kernel, 1, c_in * multiplier))
+        loop = R.conv(x, w, None, stride, pads, dilation, c_in)
+        g = rng.normal(size=loop.shape)
+        tangents = (rng.normal(size=x.shape), rng.normal(size=w.shape))
+
+        @jax.jit  # one program per configuration
+        def derivatives(x, w, g, tangents):
+            mine = lambda x, w: F.conv(x, w, stride=stride, padding=pads, dilation=dilation, groups=c_in)
+            xla = lambda x, w: lax.conv_general_dilated(x, w, stride, pads, rhs_dilation=dilation,
+                                                        dimension_numbers=F.conv_dimension_numbers(n_sp),
+                                                        feature_group_count=c_in)
+            (got, vjp), (want, want_vjp) = jax.vjp(mine, x, w), jax.vjp(xla, x, w)
+            return got, want, jax.jvp(mine, (x, w), tangents)[1], vjp(g), want_vjp(g)
+        got, want, forward_mode, grads, want_grads = derivatives(x, w, g, tangents)
+        worst = max(worst, rel_err(got, loop), rel_err(want, loop),
+                    rel_err(forward_mode, R.conv(tangents[0], w, None, stride, pads, dilation, c_in)
+                            + R.conv(x, tangents[1], None, stride, pads, dilation, c_in)),
+                    *(rel_err(a, b) for a, b in zip(grads, want_grads)))
+        ran += 1
+    assert worst <= 1e-12, worst
+    assert weight_paths == {True, False}
+
+    x, w = rng.normal(size=(2, 6, 5, 3)), rng.normal(size=(3, 2, 1, 6))
+    mine = lambda x, w: jnp.sum(jnp.sin(F.conv(x, w, padding=1, groups=3)))
+    xla = lambda x, w: jnp.sum(jnp.sin(lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                                 dimension_numbers=F.conv_dimension_numbers(2),
+                                                                 feature_group_count=3)))
+    for transform in (jax.hessian, lambda f: jax.vmap(jax.grad(f), (0, None))):
+        args = (x, w) if transform is jax.hessian else (np.stack([x, 2 * x]), w)
+        for a, b in zip(jax.tree.leaves(jax.jit(transform(mine))(*args)), jax.tree.leaves(transform(xla)(*args))):
+            assert rel_err(a, b) <= 1e-12
+
+    def convolves(fn, *args, platform="cpu"):
+        return "convolution" in jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module() \
+            if platform != "cpu" else " convolution(" in jax.jit(fn).lower(*args).compile().as_text()
+    x, w = jnp.ones((4, 10, 10, 4)), jnp.ones((3, 3, 1, 8))
+    conv = lambda x, w: F.conv(x, w, padding=1, groups=4).sum()
+    assert not convolves(conv, x, w)
+    assert not convolves(jax.grad(conv), x, w)
+    assert not convolves(jax.grad(conv, 1), x, w)  # 8 output channels: by taps
+    assert convolves(jax.grad(conv, 1), x, w[..., :4])  # 4: XLA's convolution
+    for platform in ("cuda", "tpu"):  # their convolutions throughout
+        assert convolves(conv, x, w, platform=platform) and convolves(jax.grad(conv), x, w, platform=platform)
+
+
+def test_a_bfloat16_depthwise_conv_accumulates_in_float32(rng):
+    x = jnp.asarray(rng.normal(size=(2, 10, 10, 4)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(5, 5, 1, 8)), jnp.bfloat16)
+    got = F.conv(x, w, padding=2, groups=4)
+    exact = F.conv(x.astype(jnp.float32), w.astype(jnp.float32), padding=2, groups=4)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(exact.astype(jnp.bfloat16), np.float32))
+
+
 def test_a_bfloat16_tap_sum_accumulates_in_float32(rng):
     x = jnp.asarray(rng.normal(size=(2, 10, 10, 3)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.bfloat16)
