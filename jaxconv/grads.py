@@ -84,11 +84,19 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     in_spatial = tuple(x.shape[1:-1])
     out_spatial = F.output_spatial(in_spatial, pads, w.shape[:n], stride, dilation)
     _check_g(g, (x.shape[0], *out_spatial, w.shape[-1]), fn=fn)
-    # dx: the transposed convolution of g, its output_padding the input rows the forward's floor dropped.
-    dx = F.conv_input_grad(g, w, in_spatial, stride=stride, pads=pads, dilation=dilation, groups=groups,
-                           precision=precision)
-    dw = F.conv_weight_grad(x, g.astype(x.dtype), w.shape[:n], stride=stride, pads=pads, dilation=dilation,
-                            groups=groups, precision=precision)
+
+    def by_convolutions(g, x, w):
+        # dx: the transposed convolution of g, its output_padding the input rows the forward's floor dropped.
+        dx = F.conv_input_grad(g, w, in_spatial, stride=stride, pads=pads, dilation=dilation, groups=groups,
+                               precision=precision)
+        dw = F.conv_weight_grad(x, g.astype(x.dtype), w.shape[:n], stride=stride, pads=pads, dilation=dilation,
+                                groups=groups, precision=precision)
+        return dx, dw
+    if groups > 1 and groups == x.shape[-1]:  # depthwise: by taps on a CPU, as the forward (F.conv) runs
+        dx, dw = lax.platform_dependent(g, x, w, default=by_convolutions, cpu=functools.partial(
+            F.depthwise_backward_by_taps, stride=stride, pads=pads, dilation=dilation))
+    else:
+        dx, dw = by_convolutions(g, x, w)
     db = jnp.sum(g, axis=tuple(range(g.ndim - 1)))
     return dx.astype(x.dtype), dw.astype(w.dtype), db
 
