@@ -405,10 +405,11 @@ def tap_sum(x, w, *, stride, pads, dilation):
 # one reduction per tap, only from DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS output channels on (below it XLA's
 # grouped weight-gradient convolution is the faster).
 DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS = 128
-# The hand-written backward (depthwise_backward_by_taps) sums this many taps per pass over the input: ms for 2 / 3 /
-# 4 / 7 / 9 at batch 16, 3x3 144 @ 56: 40.5 / 34.7 / 39.7 / 60.3 / 59.2; 7x7 96 @ 56: 146 / 130 / 144 / 181 / 165;
-# 3x3 576 @ 14: 6.6 / 4.7 / 5.0 / 16.8 / 16.2; 3x3 32 @ 112: 38.3 / 33.1 / 34.5 / 41.1 / 38.1.
-DEPTHWISE_TAPS_PER_PASS = 3
+# The hand-written backward (depthwise_backward_by_taps) sums this many taps' products per pass over the input: ms
+# for 1 / 3 / 9 (a 3x3 kernel's all) at batch 16: 3x3 144 @ 56: 96.9 / 29.5 / 21.6; 3x3 576 @ 14: 23.1 / 5.7 / 3.9;
+# 3x3 32 @ 112: 90.2 / 42.5 / 20.0; and for 3 / 9 / 16 / 25 / 49: 7x7 96 @ 56 (batch 16): 155 / 100 / 102 / 87 / 94;
+# 3x3 144 @ 32 (batch 128): 124 / 81 / 81 / 84 / 84; 3x3 384 @ 8 (batch 128): 14.9 / 8.6 / 8.8 / 11.5 / 9.7.
+DEPTHWISE_TAPS_PER_PASS = 9
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
@@ -460,8 +461,9 @@ def depthwise_tap_sum(x, w, *, stride, pads, dilation):
 def depthwise_backward_by_taps(g, x, w, *, stride, pads, dilation):
     """``(dx, dw)`` of :func:`depthwise_tap_sum` written out, for a hand-written backward on a CPU: dx spreads each
     tap's ``g * w[k]`` (the multiplier's channels summed) back over the padded input; dw reads the padded input
-    once per row of kernel taps, summing every tap of the row at once (``lax.reduce`` over several operands, one
-    loop; the transpose of the tap sum, one reduction per tap, reads it once per tap), first over the batch."""
+    once per DEPTHWISE_TAPS_PER_PASS taps, summing their products at once (``lax.reduce`` over several operands,
+    one loop; the transpose of the tap sum, one reduction per tap, reads it once per tap), first over the
+    positions of each example and channel."""
     acc = jnp.promote_types(x.dtype, jnp.float32)
     kernel, n = w.shape[:x.ndim - 2], x.ndim - 2
     multiplier = w.shape[-1] // x.shape[-1]
@@ -485,9 +487,9 @@ def depthwise_backward_by_taps(g, x, w, *, stride, pads, dilation):
     sums = []
     for first in range(0, len(products), DEPTHWISE_TAPS_PER_PASS):
         part = products[first:first + DEPTHWISE_TAPS_PER_PASS]
-        over_batch = lax.reduce(part, [np.array(0, acc)] * len(part),
-                                lambda a, b: tuple(u + v for u, v in zip(a, b)), (0,))
-        sums += [s.sum(tuple(range(n))) for s in over_batch]
+        over_space = lax.reduce(part, [np.array(0, acc)] * len(part),
+                                lambda a, b: tuple(u + v for u, v in zip(a, b)), tuple(range(1, n + 1)))
+        sums += [s.sum(0) for s in over_space]
     dw = jnp.stack(sums).reshape(*kernel, 1, w.shape[-1])
     return dx.astype(x.dtype), dw.astype(w.dtype)
 

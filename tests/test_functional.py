@@ -418,9 +418,9 @@ def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng, monkeypatch):
     from jax import lax
     monkeypatch.setattr(F, "DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS", 6)
     worst, ran, weight_paths = 0.0, 0, set()
-    while ran < 36:
+    while ran < 24:
         n_sp = 1 + ran % 3
-        c_in, multiplier = int(rng.integers(2, 5)), 1 + ran % 3
+        c_in, multiplier = int(rng.integers(2, 5)), 1 + ran // 3 % 3
         kernel = tuple(int(k) for k in rng.integers(1, 4, n_sp))
         stride, dilation = (tuple(int(v) for v in rng.integers(1, 3, n_sp)) for _ in range(2))
         pads = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (n_sp, 2)))
@@ -477,8 +477,8 @@ def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng, monkeypatch):
 def test_a_bfloat16_depthwise_conv_accumulates_in_float32(rng):
     x = jnp.asarray(rng.normal(size=(2, 10, 10, 4)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(5, 5, 1, 8)), jnp.bfloat16)
-    got = F.conv(x, w, padding=2, groups=4)
-    exact = F.conv(x.astype(jnp.float32), w.astype(jnp.float32), padding=2, groups=4)
+    got, exact = jax.jit(lambda x, w: (F.conv(x, w, padding=2, groups=4),  # one program, not op by op
+                                       F.conv(x.astype(jnp.float32), w.astype(jnp.float32), padding=2, groups=4)))(x, w)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(exact.astype(jnp.bfloat16), np.float32))
 
