@@ -93,7 +93,7 @@ def test_bad_layer_arguments():
 @pytest.mark.parametrize("name, params", [("mnist1d_cnn", 2_050), ("mnist1d_mlp", 59_065), ("lenet5", 61_706),
                                           ("seed_cnn", 824_458), ("convnetjs_cifar", 22_466), ("resnet20", 272_474),
                                           ("cifar_resnet18", 11_173_962), ("resnet18", 11_689_512),
-                                          ("resnet50", 25_557_032)])
+                                          ("resnet50", 25_557_032), ("mobilenet_v2", 2_236_682)])
 def test_parameter_counts(name, params):
     assert count_params(nnx.eval_shape(lambda: create_model(name))) == params  # the architecture's: no weights drawn
 
