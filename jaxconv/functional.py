@@ -467,23 +467,12 @@ def depthwise_backward_by_taps(g, x, w, *, stride, pads, dilation):
     acc = jnp.promote_types(x.dtype, jnp.float32)
     kernel, n = w.shape[:x.ndim - 2], x.ndim - 2
     multiplier = w.shape[-1] // x.shape[-1]
-    x_pad = lax.pad(x.astype(acc), np.array(0, acc), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
-    out_spatial = g.shape[1:-1]
-    windows = list(window_slices(x_pad.shape, kernel, stride, out_spatial, dilation))
     g = g.astype(acc)
-    dx_pad = None
-    for tap, start, _, _ in windows:
-        share = (g * w[(*tap, 0)].astype(acc)).reshape(*g.shape[:-1], x.shape[-1], multiplier).sum(-1)
-        placed = lax.pad(share, np.array(0, acc), [(0, 0, 0), *[
-            (lo, size - lo - s * (o - 1) - 1, s - 1)
-            for lo, s, o, size in zip(start[1:-1], stride, out_spatial, x_pad.shape[1:-1])], (0, 0, 0)])
-        dx_pad = placed if dx_pad is None else dx_pad + placed
-    dx = lax.slice(dx_pad, (0, *[lo for lo, _ in pads], 0),
-                   (x.shape[0], *[lo + size for (lo, _), size in zip(pads, x.shape[1:-1])], x.shape[-1]))
-    products = []
-    for _, start, limit, strides in windows:
-        piece = lax.slice(x_pad, start, limit, strides)
-        products.append((jnp.repeat(piece, multiplier, axis=-1) if multiplier > 1 else piece) * g)
+    shares = [(g * w[(*tap, 0)].astype(acc)).reshape(*g.shape[:-1], x.shape[-1], multiplier).sum(-1)
+              for tap in np.ndindex(*kernel)]
+    dx = spread_back(shares, x.shape, kernel, stride=stride, pads=pads, dilation=dilation)
+    _, pieces = window_pieces(x.astype(acc), kernel, stride=stride, pads=pads, dilation=dilation)
+    products = [(jnp.repeat(piece, multiplier, axis=-1) if multiplier > 1 else piece) * g for _, piece in pieces]
     sums = []
     for first in range(0, len(products), DEPTHWISE_TAPS_PER_PASS):
         part = products[first:first + DEPTHWISE_TAPS_PER_PASS]
@@ -492,6 +481,41 @@ def depthwise_backward_by_taps(g, x, w, *, stride, pads, dilation):
         sums += [s.sum(0) for s in over_space]
     dw = jnp.stack(sums).reshape(*kernel, 1, w.shape[-1])
     return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+def spread_back(shares, x_shape, window, *, stride, pads, dilation):
+    """The transpose of :func:`window_pieces`: ``shares[i]``, the cotangent of the i-th piece (window offsets in
+    row-major order), placed where that piece was read in the padded input (``lax.pad`` with interior S - 1),
+    summed, and the padding cut off: an input-shaped cotangent."""
+    padded = (x_shape[0], *[size + lo + hi for size, (lo, hi) in zip(x_shape[1:-1], pads)], x_shape[-1])
+    out_spatial = shares[0].shape[1:-1]
+    total = None
+    for share, (_, start, _, _) in zip(shares, window_slices(padded, window, stride, out_spatial, dilation),
+                                       strict=True):
+        placed = lax.pad(share, np.array(0, share.dtype), [(0, 0, 0), *[
+            (lo, size - lo - s * (o - 1) - 1, s - 1)
+            for lo, s, o, size in zip(start[1:-1], stride, out_spatial, padded[1:-1])], (0, 0, 0)])
+        total = placed if total is None else total + placed
+    return lax.slice(total, (0, *[lo for lo, _ in pads], 0),
+                     (x_shape[0], *[lo + size for (lo, _), size in zip(pads, x_shape[1:-1])], x_shape[-1]))
+
+
+def patch_matmul_input_grad(g, w, x_shape, *, stride, pads, dilation, precision=None):
+    """``dx`` of :func:`patch_matmul` written out: each tap's ``g @ w[k]^T`` spread back over the input
+    (:func:`spread_back`); what a CPU's hand-written backward runs where :func:`cpu_kernels` chooses the spread."""
+    kernel = w.shape[:len(x_shape) - 2]
+    w = w.astype(g.dtype)
+    shares = [jnp.matmul(g, w[tap].T, precision=precision) for tap in np.ndindex(*kernel)]
+    return spread_back(shares, x_shape, kernel, stride=stride, pads=pads, dilation=dilation)
+
+
+def patch_matmul_weight_grad(x, g, kernel, *, stride, pads, dilation, precision=None):
+    """``dw`` of :func:`patch_matmul` written out: per tap, the piece of the input it read times g,
+    ``piece^T @ g`` over every example and position; for a 1x1 kernel one matrix product."""
+    _, pieces = window_pieces(x, kernel, stride=stride, pads=pads, dilation=dilation)
+    rows = lambda a: a.reshape(-1, a.shape[-1])
+    dw = [jnp.matmul(rows(piece).T, rows(g), precision=precision) for _, piece in pieces]
+    return jnp.stack(dw).reshape(*kernel, x.shape[-1], g.shape[-1])
 
 
 def conv_transpose_geometry(x, w, *, fn, stride, padding, output_padding, dilation, groups):

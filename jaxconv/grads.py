@@ -76,6 +76,12 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     (:func:`jaxconv.functional.conv_weight_grad` gives the padding).
 
     **db** — g summed over every axis but the last.
+
+    **On a CPU** the backward runs what autodiff of :func:`jaxconv.functional.conv` runs there: for a one-group
+    conv, the products :func:`jaxconv.functional.cpu_kernels` chooses, written out
+    (:func:`jaxconv.functional.patch_matmul_input_grad`, :func:`jaxconv.functional.patch_matmul_weight_grad`);
+    for a depthwise conv, sums over the kernel's taps (:func:`jaxconv.functional.depthwise_backward_by_taps`).
+    GPUs and TPUs run the convolutions above.
     """
     fn = "conv_vjp"
     stride, pads, dilation = F.conv_geometry(x, w, fn=fn, stride=stride, padding=padding, dilation=dilation,
@@ -85,16 +91,26 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     out_spatial = F.output_spatial(in_spatial, pads, w.shape[:n], stride, dilation)
     _check_g(g, (x.shape[0], *out_spatial, w.shape[-1]), fn=fn)
 
-    def by_convolutions(g, x, w):
-        # dx: the transposed convolution of g, its output_padding the input rows the forward's floor dropped.
-        dx = F.conv_input_grad(g, w, in_spatial, stride=stride, pads=pads, dilation=dilation, groups=groups,
-                               precision=precision)
-        dw = F.conv_weight_grad(x, g.astype(x.dtype), w.shape[:n], stride=stride, pads=pads, dilation=dilation,
-                                groups=groups, precision=precision)
-        return dx, dw
+    geometry = dict(stride=stride, pads=pads, dilation=dilation)
+    # dx: the transposed convolution of g, its output_padding the input rows the forward's floor dropped.
+    input_grad = lambda g, w: F.conv_input_grad(g, w, in_spatial, groups=groups, precision=precision, **geometry)
+    weight_grad = lambda x, g: F.conv_weight_grad(x, g.astype(x.dtype), w.shape[:n], groups=groups,
+                                                  precision=precision, **geometry)
+    by_convolutions = lambda g, x, w: (input_grad(g, w), weight_grad(x, g))
     if groups > 1 and groups == x.shape[-1]:  # depthwise: by taps on a CPU, as the forward (F.conv) runs
-        dx, dw = lax.platform_dependent(g, x, w, default=by_convolutions, cpu=functools.partial(
-            F.depthwise_backward_by_taps, stride=stride, pads=pads, dilation=dilation))
+        dx, dw = lax.platform_dependent(g, x, w, default=by_convolutions,
+                                        cpu=functools.partial(F.depthwise_backward_by_taps, **geometry))
+    elif groups == 1 and any(F.cpu_kernels(x.shape, w.shape, stride, pads, dilation)[1:]):
+        # one group: on a CPU, the products functional.cpu_kernels chooses for autodiff, written out
+        _, spread_x, dot_w = F.cpu_kernels(x.shape, w.shape, stride, pads, dilation)
+
+        def on_a_cpu(g, x, w):
+            g = g.astype(x.dtype)
+            return (F.patch_matmul_input_grad(g, w, x.shape, precision=precision, **geometry) if spread_x
+                    else input_grad(g, w),
+                    F.patch_matmul_weight_grad(x, g, w.shape[:n], precision=precision, **geometry) if dot_w
+                    else weight_grad(x, g))
+        dx, dw = lax.platform_dependent(g, x, w, default=by_convolutions, cpu=on_a_cpu)
     else:
         dx, dw = by_convolutions(g, x, w)
     db = jnp.sum(g, axis=tuple(range(g.ndim - 1)))
