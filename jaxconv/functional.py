@@ -399,8 +399,8 @@ def tap_sum(x, w, *, stride, pads, dilation):
     return y.astype(x.dtype)
 
 
-# Depthwise convs (groups = C_in, any channel multiplier) on a CPU: XLA:CPU runs them 15-170x slower than PyTorch
-# (python benchmarks/depthwise_vs_torch.py), its convolution looping over the channels as groups. Their forward and
+# Depthwise convs (groups = C_in, any channel multiplier) on a CPU: XLA:CPU runs their forward and backward 24-177x
+# slower than PyTorch (python benchmarks/depthwise_vs_torch.py), its convolution looping over the channels as groups. Their forward and
 # input gradient are a sum of taps instead, one fused loop; the weight gradient, whose sum of taps transposes into
 # one reduction per tap, only from DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS output channels on (below it XLA's
 # grouped weight-gradient convolution is the faster).
