@@ -458,7 +458,7 @@ def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng, monkeypatch):
                                                                  feature_group_count=3)))
     for transform in (jax.hessian, lambda f: jax.vmap(jax.grad(f), (0, None))):
         args = (x, w) if transform is jax.hessian else (np.stack([x, 2 * x]), w)
-        for a, b in zip(jax.tree.leaves(jax.jit(transform(mine))(*args)), jax.tree.leaves(transform(xla)(*args))):
+        for a, b in zip(jax.tree.leaves(jax.jit(transform(mine))(*args)), jax.tree.leaves(jax.jit(transform(xla))(*args))):
             assert rel_err(a, b) <= 1e-12
 
     def convolves(fn, *args, platform="cpu"):

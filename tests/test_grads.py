@@ -122,7 +122,6 @@ def test_the_hand_written_conv_backward_runs_what_autodiff_runs_on_a_cpu(rng, mo
     """One-group convs where functional.cpu_kernels chooses products for the input gradient (few input channels, a
     stride that wastes work) or the weight gradient (1x1): the hand-written backward equals autodiff's, and its CPU
     program holds a convolution for a part exactly where autodiff's does."""
-    from jax import lax
     cases = [((2, 9, 9, 3), (3, 3, 3, 5), dict(padding=1)), ((2, 9, 9, 12), (3, 3, 12, 4), dict(stride=2, padding=1)),
              ((2, 8, 8, 12), (1, 1, 12, 6), {}), ((2, 10, 12), (1, 12, 6), dict(stride=2)),
              ((2, 7, 7, 12), (3, 3, 12, 4), dict(padding=1)), ((2, 6, 5, 4, 2), (2, 3, 1, 2, 3), dict(dilation=2)),
@@ -134,18 +133,16 @@ def test_the_hand_written_conv_backward_runs_what_autodiff_runs_on_a_cpu(rng, mo
             jnp.zeros(x_shape), jnp.zeros(w_shape), fn="t", groups=1, **{"stride": 1, "padding": "VALID",
                                                                           "dilation": 1, **opts}))[1:])
         x, w = rng.normal(size=x_shape), rng.normal(size=w_shape)
-        y, back = jax.vjp(lambda x, w: F.conv(x, w, **opts), x, w)
-        g = rng.normal(size=y.shape)
-        manual = jax.jit(lambda g, x, w: G.conv_vjp(g, x, w, **opts)[:2])
-        for a, b in zip(manual(g, x, w), jax.jit(lambda g, x, w: jax.vjp(lambda x, w: F.conv(x, w, **opts), x, w)[1](g))(g, x, w)):
+        g = rng.normal(size=jax.eval_shape(lambda x, w: F.conv(x, w, **opts), x, w).shape)
+        manual = lambda g, x, w: G.conv_vjp(g, x, w, **opts)[:2]
+        auto = lambda g, x, w: jax.vjp(lambda x, w: F.conv(x, w, **opts), x, w)[1](g)
+        for a, b in zip(*jax.jit(lambda g, x, w: (manual(g, x, w), auto(g, x, w)))(g, x, w)):  # one program
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
-        def convolves(fn, *args):
-            return " convolution(" in jax.jit(fn).lower(*args).compile().as_text()
+        def convolves(fn, part):
+            return " convolution(" in jax.jit(lambda g, x, w: fn(g, x, w)[part]).lower(g, x, w).compile().as_text()
         for part in range(2):
-            auto = lambda g, x, w: jax.vjp(lambda x, w: F.conv(x, w, **opts), x, w)[1](g)[part]
-            assert convolves(lambda g, x, w: G.conv_vjp(g, x, w, **opts)[part], g, x, w) == convolves(auto, g, x, w), \
-                (x_shape, w_shape, opts, part)
+            assert convolves(manual, part) == convolves(auto, part), (x_shape, w_shape, opts, part)
     assert chosen == [  # (input gradient, weight gradient) by products
         (True, False), (True, False), (False, True), (True, True), (False, False), (True, False), (False, True)]
 
