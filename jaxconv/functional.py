@@ -400,10 +400,10 @@ def tap_sum(x, w, *, stride, pads, dilation):
 
 
 # Depthwise convs (groups = C_in, any channel multiplier) on a CPU: XLA:CPU runs their forward and backward 24-177x
-# slower than PyTorch (python benchmarks/depthwise_vs_torch.py), its convolution looping over the channels as groups. Their forward and
-# input gradient are a sum of taps instead, one fused loop; the weight gradient, whose sum of taps transposes into
-# one reduction per tap, only from DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS output channels on (below it XLA's
-# grouped weight-gradient convolution is the faster).
+# slower than PyTorch (python benchmarks/depthwise_vs_torch.py), its convolution looping over the channels as groups.
+# Their forward and input gradient are a sum of taps instead, one fused loop; the weight gradient, whose sum of taps
+# transposes into one reduction per tap, only from DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS output channels on (below
+# it XLA's grouped weight-gradient convolution is the faster).
 DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS = 128
 # The hand-written backward (depthwise_backward_by_taps) sums this many taps' products per pass over the input: ms
 # for 1 / 3 / 9 (a 3x3 kernel's all) at batch 16: 3x3 144 @ 56: 96.9 / 29.5 / 21.6; 3x3 576 @ 14: 23.1 / 5.7 / 3.9;
@@ -438,7 +438,8 @@ def _depthwise_conv_jvp(stride, pads, dilation, precision, primals, tangents):
     dx, dw = tangents
     linear = functools.partial(_depthwise, stride=stride, pads=pads, dilation=dilation, precision=precision)
     by_taps = w.shape[-1] >= DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS
-    return _depthwise_conv(x, w, stride, pads, dilation, precision), linear(dx, w, cpu=True) + linear(x, dw, cpu=by_taps)
+    return (_depthwise_conv(x, w, stride, pads, dilation, precision),
+            linear(dx, w, cpu=True) + linear(x, dw, cpu=by_taps))
 
 
 def depthwise_tap_sum(x, w, *, stride, pads, dilation):
@@ -483,21 +484,32 @@ def depthwise_backward_by_taps(g, x, w, *, stride, pads, dilation):
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-def spread_back(shares, x_shape, window, *, stride, pads, dilation):
+def spread_back(shares, x_shape, window, *, stride, pads, dilation=None):
     """The transpose of :func:`window_pieces`: ``shares[i]``, the cotangent of the i-th piece (window offsets in
-    row-major order), placed where that piece was read in the padded input (``lax.pad`` with interior S - 1),
-    summed, and the padding cut off: an input-shaped cotangent."""
+    row-major order), placed where that piece was read in the padded input (:func:`place_in_window`), summed, and
+    the padding cut off (:func:`crop`): an input-shaped cotangent."""
     padded = (x_shape[0], *[size + lo + hi for size, (lo, hi) in zip(x_shape[1:-1], pads)], x_shape[-1])
-    out_spatial = shares[0].shape[1:-1]
+    windows = window_slices(padded, window, stride, shares[0].shape[1:-1], dilation)
     total = None
-    for share, (_, start, _, _) in zip(shares, window_slices(padded, window, stride, out_spatial, dilation),
-                                       strict=True):
-        placed = lax.pad(share, np.array(0, share.dtype), [(0, 0, 0), *[
-            (lo, size - lo - s * (o - 1) - 1, s - 1)
-            for lo, s, o, size in zip(start[1:-1], stride, out_spatial, padded[1:-1])], (0, 0, 0)])
+    for share, (_, start, _, _) in zip(shares, windows, strict=True):
+        placed = place_in_window(share, start[1:-1], stride, padded)
         total = placed if total is None else total + placed
-    return lax.slice(total, (0, *[lo for lo, _ in pads], 0),
-                     (x_shape[0], *[lo + size for (lo, _), size in zip(pads, x_shape[1:-1])], x_shape[-1]))
+    return crop(total, pads)
+
+
+def place_in_window(values, first, stride, padded_shape):
+    """``values[o]`` at padded position ``first + o*S`` (zeros elsewhere), per spatial axis: the transpose of the
+    strided slice that read them (``lax.pad`` with interior S - 1)."""
+    return lax.pad(values, np.array(0, values.dtype), [(0, 0, 0), *[
+        (lo, size - lo - s * (o - 1) - 1, s - 1)
+        for lo, s, o, size in zip(first, stride, values.shape[1:-1], padded_shape[1:-1])], (0, 0, 0)])
+
+
+def crop(x_padded, pads):
+    """``x_padded`` without ``pads`` (per spatial axis ``(lo, hi)``)."""
+    return lax.slice(x_padded, (0, *[lo for lo, _ in pads], 0),
+                     (x_padded.shape[0], *[size - hi for (_, hi), size in zip(pads, x_padded.shape[1:-1])],
+                      x_padded.shape[-1]))
 
 
 def patch_matmul_input_grad(g, w, x_shape, *, stride, pads, dilation, precision=None):

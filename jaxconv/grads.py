@@ -143,20 +143,6 @@ def conv_transpose_vjp(g, x, w, b=None, *, stride=1, padding=0, output_padding=0
 # --------------------------------------------------------------------------- pooling
 
 
-def _scatter_to_window(values, offset, stride, shape_padded):
-    """Place ``values[o]`` at padded position ``offset + o*S`` (zeros elsewhere): transpose of a slice."""
-    config = [(0, 0, 0)]
-    for off, s, m, size in zip(offset, stride, values.shape[1:-1], shape_padded[1:-1]):
-        config.append((off, size - off - s * (m - 1) - 1, s - 1))
-    config.append((0, 0, 0))
-    return lax.pad(values, jnp.array(0, values.dtype), config)
-
-
-def _crop(x_padded, pads):
-    idx = (slice(None),) + tuple(slice(lo, x_padded.shape[i + 1] - hi) for i, (lo, hi) in enumerate(pads))
-    return x_padded[idx + (slice(None),)]
-
-
 @one_example(F.max_pool)
 def max_pool_vjp(g, x, window, *, stride=None, padding="VALID"):
     """Cotangent of :func:`jaxconv.functional.max_pool`.
@@ -176,10 +162,10 @@ def max_pool_vjp(g, x, window, *, stride=None, padding="VALID"):
     _, takes = F.running_max([lax.slice(x_pad, start, limit, strides) for _, start, limit, strides in windows])
     dx_pad = jnp.zeros(x_pad.shape, g.dtype)
     for offset, take in zip(offsets[:0:-1], takes[::-1]):
-        dx_pad = dx_pad + _scatter_to_window(jnp.where(take, g, 0), offset, stride, x_pad.shape)
+        dx_pad = dx_pad + F.place_in_window(jnp.where(take, g, 0), offset, stride, x_pad.shape)
         g = jnp.where(take, 0, g)
-    dx_pad = dx_pad + _scatter_to_window(g, offsets[0], stride, x_pad.shape)
-    return _crop(dx_pad, pads).astype(x.dtype)
+    dx_pad = dx_pad + F.place_in_window(g, offsets[0], stride, x_pad.shape)
+    return F.crop(dx_pad, pads).astype(x.dtype)
 
 
 @one_example(F.avg_pool)
@@ -194,11 +180,7 @@ def avg_pool_vjp(g, x, window, *, stride=None, padding="VALID", count_include_pa
     else:
         counts = F.window_counts(x.shape[1:-1], window, stride, pads)
         share = g / jnp.asarray(counts, g.dtype)[None, ..., None]
-    padded_shape = (x.shape[0], *[w + lo + hi for w, (lo, hi) in zip(x.shape[1:-1], pads)], x.shape[-1])
-    dx_pad = jnp.zeros(padded_shape, g.dtype)
-    for offset, *_ in F.window_slices(padded_shape, window, stride, out_spatial):
-        dx_pad = dx_pad + _scatter_to_window(share, offset, stride, padded_shape)
-    return _crop(dx_pad, pads).astype(x.dtype)
+    return F.spread_back([share] * math.prod(window), x.shape, window, stride=stride, pads=pads).astype(x.dtype)
 
 
 @one_example(F.global_avg_pool)
