@@ -100,9 +100,9 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     if groups > 1 and groups == x.shape[-1]:  # depthwise: by taps on a CPU, as the forward (F.conv) runs
         dx, dw = lax.platform_dependent(g, x, w, default=by_convolutions,
                                         cpu=functools.partial(F.depthwise_backward_by_taps, **geometry))
-    elif groups == 1 and any(F.cpu_kernels(x.shape, w.shape, stride, pads, dilation)[1:]):
+    elif groups == 1 and any(chosen := F.cpu_kernels(x.shape, w.shape, stride, pads, dilation)[1:]):
         # one group: on a CPU, the products functional.cpu_kernels chooses for autodiff, written out
-        _, spread_x, dot_w = F.cpu_kernels(x.shape, w.shape, stride, pads, dilation)
+        spread_x, dot_w = chosen
 
         def on_a_cpu(g, x, w):
             g = g.astype(x.dtype)
