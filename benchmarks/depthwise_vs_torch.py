@@ -1,14 +1,12 @@
 """Depthwise convolutions (``groups = C_in``) on this CPU: XLA's grouped convolution, jaxconv's ``functional.conv``
-(sums of taps, :func:`jaxconv.functional.depthwise_tap_sum`) and PyTorch's ``conv2d(groups=C)``, forward, input
-gradient, weight gradient and forward+backward, side by side in one run; with agreement checks.
+(:mod:`jaxconv.depthwise`: sums of taps) and PyTorch's ``conv2d(groups=C)``, forward, input gradient, weight
+gradient and forward+backward, side by side in one run; with agreement checks.
 
     python benchmarks/depthwise_vs_torch.py [--rounds 8] [--layers mbv2,convnext]
 
-The layers are MobileNetV2's 3x3 depthwise convs (batch 16) and a ConvNeXt 7x7 one. jaxconv's weight gradient is
-timed both ways (by taps, and XLA's grouped weight-gradient convolution) whatever
-``functional.DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS`` chooses, which is what sets that threshold; and the
-hand-written backward (``grads.conv_vjp``, :func:`jaxconv.functional.depthwise_backward_by_taps` on a CPU). Rounds alternate
-between contenders (``jaxconv.timing.medians``); read ratios within one run.
+The layers are MobileNetV2's 3x3 depthwise convs (batch 16) and a ConvNeXt 7x7 one; jaxconv by autodiff and by
+the hand-written backward (``grads.conv_vjp``). Rounds alternate between contenders (``jaxconv.timing.medians``);
+read ratios within one run.
 """
 import argparse
 import functools
@@ -36,42 +34,24 @@ def jax_pieces(x, w, g, stride):
     stride_, pads, dilation = F.conv_geometry(x, w, fn="bench", dilation=1, **opts)
     xla = lambda x, w: F._xla_conv(x, w, stride_, pads, dilation, c, None)
     mine = lambda x, w: F.conv(x, w, **opts)
-    # the weight gradient of jaxconv's depthwise conv forced one way or the other (the threshold read at tracing)
-    forced = lambda min_channels: functools.partial(_traced_with_threshold, min_channels=min_channels)
 
     def grads(f):
         return (compiler.jit(lambda x, w, g: jax.vjp(lambda x: f(x, w), x)[1](g)[0]),
                 compiler.jit(lambda x, w, g: jax.vjp(lambda w: f(x, w), w)[1](g)[0]),
                 compiler.jit(lambda x, w, g: (lambda y, back: (y, back(g)))(*jax.vjp(f, x, w))))
     xla_dx, xla_dw, xla_both = grads(xla)
-    dx, _, both = grads(mine)
+    dx, dw, both = grads(mine)
     hand = compiler.jit(lambda x, w, g: G.conv_vjp(g, x, w, **opts)[:2])
     hand_both = compiler.jit(lambda x, w, g: (mine(x, w), G.conv_vjp(g, x, w, **opts)[:2]))
-    dw_taps = forced(0)(lambda x, w, g: jax.vjp(lambda w: mine(x, w), w)[1](g)[0])
-    dw_xla = forced(10 ** 9)(lambda x, w, g: jax.vjp(lambda w: mine(x, w), w)[1](g)[0])
     programs = {"XLA forward": (compiler.jit(xla), (x, w)), "XLA input grad": (xla_dx, (x, w, g)),
                 "XLA weight grad": (xla_dw, (x, w, g)), "XLA fwd+bwd": (xla_both, (x, w, g)),
                 "jaxconv forward": (compiler.jit(mine), (x, w)), "jaxconv input grad": (dx, (x, w, g)),
-                "jaxconv weight grad, taps": (dw_taps, (x, w, g)), "jaxconv weight grad, XLA": (dw_xla, (x, w, g)),
+                "jaxconv weight grad": (dw, (x, w, g)),
                 "jaxconv fwd+bwd": (both, (x, w, g)),
                 "jaxconv hand-written backward": (hand, (x, w, g)),
                 "jaxconv hand-written fwd+bwd": (hand_both, (x, w, g))}
     return {name: functools.partial(lambda f, a: jax.block_until_ready(f(*a)), f, a)
             for name, (f, a) in programs.items()}, (xla_both, both)
-
-
-def _traced_with_threshold(fn, *, min_channels):
-    """``fn`` compiled with ``functional.DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS`` set to ``min_channels`` while it
-    is traced (the choice is made then)."""
-    jitted = compiler.jit(fn)
-
-    def call(*args):
-        saved, F.DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS = F.DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS, min_channels
-        try:
-            return jitted(*args)
-        finally:
-            F.DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS = saved
-    return call
 
 
 def torch_pieces(x, w, g, stride, channels_last):
@@ -126,7 +106,7 @@ def main():
         med = {key: t * 1e3 for key, t in medians(runs, steps=args.rounds, block=2).items()}
         torch_best = min((v for key, v in med.items() if key.startswith("torch") and "fwd+bwd" in key), default=None)
         print(f"\n{name} (batch {batch}); jaxconv vs XLA, relative: y {errors[0]:.1e}, dx {errors[1]:.1e}, "
-              f"dw {errors[2]:.1e}; weight grad by taps from {F.DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS} channels")
+              f"dw {errors[2]:.1e}")
         for key, v in med.items():
             print(f"  {key:30s} {v:9.2f}")
         for way in ("fwd+bwd", "hand-written fwd+bwd"):

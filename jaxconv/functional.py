@@ -291,7 +291,8 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
     if groups == 1 and any(cpu_kernels(x.shape, w.shape, stride, pads, dilation)):
         y = _cpu_conv(x, w, stride, pads, dilation, precision)
     elif groups > 1 and groups == x.shape[-1]:
-        y = _depthwise_conv(x, w, stride, pads, dilation, precision)
+        from jaxconv import depthwise  # it builds on this module's window helpers
+        y = depthwise.conv(x, w, stride=stride, pads=pads, dilation=dilation, precision=precision)
     else:
         y = _xla_conv(x, w, stride, pads, dilation, groups, precision)
     return y if b is None else y + b.astype(y.dtype)
@@ -397,91 +398,6 @@ def tap_sum(x, w, *, stride, pads, dilation):
             term = piece[..., c:c + 1] * w[(*tap, c)].astype(acc)
             y = term if y is None else y + term
     return y.astype(x.dtype)
-
-
-# Depthwise convs (groups = C_in, any channel multiplier) on a CPU: XLA:CPU runs their forward and backward 24-177x
-# slower than PyTorch (python benchmarks/depthwise_vs_torch.py), its convolution looping over the channels as groups.
-# Their forward and input gradient are a sum of taps instead, one fused loop; the weight gradient, whose sum of taps
-# transposes into one reduction per tap, only from DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS output channels on (below
-# it XLA's grouped weight-gradient convolution is the faster).
-DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS = 128
-# The hand-written backward (depthwise_backward_by_taps) sums this many taps' products per pass over the input: ms
-# for 1 / 3 / 9 (a 3x3 kernel's all) at batch 16: 3x3 144 @ 56: 96.9 / 29.5 / 21.6; 3x3 576 @ 14: 23.1 / 5.7 / 3.9;
-# 3x3 32 @ 112: 90.2 / 42.5 / 20.0; and for 3 / 9 / 16 / 25 / 49: 7x7 96 @ 56 (batch 16): 155 / 100 / 102 / 87 / 94;
-# 3x3 144 @ 32 (batch 128): 124 / 81 / 81 / 84 / 84; 3x3 384 @ 8 (batch 128): 14.9 / 8.6 / 8.8 / 11.5 / 9.7.
-DEPTHWISE_TAPS_PER_PASS = 9
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
-def _depthwise_conv(x, w, stride, pads, dilation, precision):
-    """A depthwise conv (``groups == C_in``): :func:`depthwise_tap_sum` on a CPU, XLA's convolution elsewhere (chosen
-    when the program is lowered for its platform). Its derivative is linear in the tangents, so reverse mode
-    transposes it: the tap sum's transpose for the input gradient (each tap's ``g * w[k]`` padded back over the
-    input), and for the weight gradient one reduction per tap or XLA's convolution (see the module's
-    thresholds); forward mode (``jax.jvp``) and ``jax.vmap`` work as for any op."""
-    return _depthwise(x, w, stride, pads, dilation, precision, cpu=True)
-
-
-def _depthwise(a, b, stride, pads, dilation, precision, *, cpu: bool):
-    """``conv(a, b)`` depthwise with these options: by taps on a CPU where ``cpu``, else XLA's convolution."""
-    xla = functools.partial(_xla_conv, stride=stride, pads=pads, dilation=dilation, groups=a.shape[-1],
-                            precision=precision)
-    if not cpu:
-        return xla(a, b)
-    taps = functools.partial(depthwise_tap_sum, stride=stride, pads=pads, dilation=dilation)
-    return lax.platform_dependent(a, b, cpu=taps, default=xla)
-
-
-@_depthwise_conv.defjvp
-def _depthwise_conv_jvp(stride, pads, dilation, precision, primals, tangents):
-    x, w = primals
-    dx, dw = tangents
-    linear = functools.partial(_depthwise, stride=stride, pads=pads, dilation=dilation, precision=precision)
-    by_taps = w.shape[-1] >= DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS
-    return (_depthwise_conv(x, w, stride, pads, dilation, precision),
-            linear(dx, w, cpu=True) + linear(x, dw, cpu=by_taps))
-
-
-def depthwise_tap_sum(x, w, *, stride, pads, dilation):
-    """A depthwise ``conv(x, w)`` (``w: [*kernel, 1, m * C_in]``, options resolved per axis) as a sum over kernel taps
-    of a strided slice of the padded input, each channel repeated m times, times the tap's row of the kernel:
-    ``y[.., c*m + j] = sum_k x_pad[.., k*D + o*S, c] w[k, 0, c*m + j]``, accumulated in float32 at least."""
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    multiplier = w.shape[-1] // x.shape[-1]
-    _, pieces = window_pieces(x, w.shape[:x.ndim - 2], stride=stride, pads=pads, dilation=dilation)
-    y = None
-    for tap, piece in pieces:
-        piece = piece.astype(acc)
-        if multiplier > 1:
-            piece = jnp.repeat(piece, multiplier, axis=-1)
-        term = piece * w[(*tap, 0)].astype(acc)
-        y = term if y is None else y + term
-    return y.astype(x.dtype)
-
-
-def depthwise_backward_by_taps(g, x, w, *, stride, pads, dilation):
-    """``(dx, dw)`` of :func:`depthwise_tap_sum` written out, for a hand-written backward on a CPU: dx spreads each
-    tap's ``g * w[k]`` (the multiplier's channels summed) back over the padded input; dw reads the padded input
-    once per DEPTHWISE_TAPS_PER_PASS taps, summing their products at once (``lax.reduce`` over several operands,
-    one loop; the transpose of the tap sum, one reduction per tap, reads it once per tap), first over the
-    positions of each example and channel."""
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    kernel, n = w.shape[:x.ndim - 2], x.ndim - 2
-    multiplier = w.shape[-1] // x.shape[-1]
-    g = g.astype(acc)
-    shares = [(g * w[(*tap, 0)].astype(acc)).reshape(*g.shape[:-1], x.shape[-1], multiplier).sum(-1)
-              for tap in np.ndindex(*kernel)]
-    dx = spread_back(shares, x.shape, kernel, stride=stride, pads=pads, dilation=dilation)
-    _, pieces = window_pieces(x.astype(acc), kernel, stride=stride, pads=pads, dilation=dilation)
-    products = [(jnp.repeat(piece, multiplier, axis=-1) if multiplier > 1 else piece) * g for _, piece in pieces]
-    sums = []
-    for first in range(0, len(products), DEPTHWISE_TAPS_PER_PASS):
-        part = products[first:first + DEPTHWISE_TAPS_PER_PASS]
-        over_space = lax.reduce(part, [np.array(0, acc)] * len(part),
-                                lambda a, b: tuple(u + v for u, v in zip(a, b)), tuple(range(1, n + 1)))
-        sums += [s.sum(0) for s in over_space]
-    dw = jnp.stack(sums).reshape(*kernel, 1, w.shape[-1])
-    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 def spread_back(shares, x_shape, window, *, stride, pads, dilation=None):

@@ -1,6 +1,5 @@
 """Forward ops against the seeds' worked numbers, a NumPy loop, PyTorch, and their error messages."""
 import functools
-import math
 import re
 
 import jax
@@ -409,15 +408,13 @@ def test_what_a_cpu_runs_for_a_conv_keeps_its_numbers(rng, monkeypatch):
 
 
 @pytest.mark.x64  # float64 against the NumPy loop and lax's convolution at 1e-12
-def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng, monkeypatch):
+def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng):
     """Depthwise convs (groups = C_in, channel multiplier 1-3) on 1-3 spatial axes with stride, dilation and uneven
-    padding, which a CPU runs as sums of taps (functional.depthwise_tap_sum) and, from
-    DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS output channels on, takes the weight gradient of by taps too: values
-    and forward-mode derivatives equal the direct loop's, gradients lax.conv_general_dilated's, on both sides of
-    the threshold; jax.vmap and jax.hessian go through."""
+    padding, which a CPU runs as sums of taps (jaxconv.depthwise, two primitives with their transposes written):
+    values and forward-mode derivatives equal the direct loop's, gradients lax.conv_general_dilated's; jax.vmap
+    (over x, w or both), jax.hessian and reverse over reverse mode go through."""
     from jax import lax
-    monkeypatch.setattr(F, "DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS", 6)
-    worst, ran, weight_paths = 0.0, 0, set()
+    worst, ran = 0.0, 0
     while ran < 12:
         n_sp = 1 + ran % 3
         c_in, multiplier = int(rng.integers(2, 5)), 1 + ran // 3 % 3
@@ -427,7 +424,6 @@ def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng, monkeypatch):
         size = tuple(int(v) for v in rng.integers(5, 9, n_sp))
         if any(R.out_size(s, *p, k, st, d) < 1 for s, p, k, st, d in zip(size, pads, kernel, stride, dilation)):
             continue
-        weight_paths.add(c_in * multiplier >= F.DEPTHWISE_TAP_WEIGHT_GRAD_MIN_CHANNELS)
         x = rng.normal(size=(2, *size, c_in))
         w = rng.normal(size=(*kernel, 1, c_in * multiplier))
         loop = R.conv(x, w, None, stride, pads, dilation, c_in)
@@ -449,15 +445,17 @@ def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng, monkeypatch):
                     *(rel_err(a, b) for a, b in zip(grads, want_grads)))
         ran += 1
     assert worst <= 1e-12, worst
-    assert weight_paths == {True, False}
 
     x, w = rng.normal(size=(2, 6, 5, 3)), rng.normal(size=(3, 2, 1, 6))
     mine = lambda x, w: jnp.sum(jnp.sin(F.conv(x, w, padding=1, groups=3)))
     xla = lambda x, w: jnp.sum(jnp.sin(lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                                                  dimension_numbers=F.conv_dimension_numbers(2),
                                                                  feature_group_count=3)))
-    for transform in (jax.hessian, lambda f: jax.vmap(jax.grad(f), (0, None))):
-        args = (x, w) if transform is jax.hessian else (np.stack([x, 2 * x]), w)
+    xs, ws = np.stack([x, 2 * x]), np.stack([w, -w])
+    grad_of_grad = lambda f: jax.grad(lambda x, w: sum(jnp.sum(jnp.cos(t)) for t in jax.grad(f, (0, 1))(x, w)), (0, 1))
+    for transform, args in [(jax.hessian, (x, w)), (grad_of_grad, (x, w)), *[
+            (lambda f, axes=axes: jax.vmap(jax.grad(f, (0, 1)), axes), (xs if axes[0] == 0 else x, ws if axes[1] == 0 else w))
+            for axes in ((0, None), (None, 0), (0, 0))]]:
         for a, b in zip(jax.tree.leaves(jax.jit(transform(mine))(*args)), jax.tree.leaves(jax.jit(transform(xla))(*args))):
             assert rel_err(a, b) <= 1e-12
 
@@ -468,10 +466,10 @@ def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng, monkeypatch):
     conv = lambda x, w: F.conv(x, w, padding=1, groups=4).sum()
     assert not convolves(conv, x, w)
     assert not convolves(jax.grad(conv), x, w)
-    assert not convolves(jax.grad(conv, 1), x, w)  # 8 output channels: by taps
-    assert convolves(jax.grad(conv, 1), x, w[..., :4])  # 4: XLA's convolution
+    assert not convolves(jax.grad(conv, 1), x, w)
+    assert "jaxconv_depthwise_weight_grad" in str(jax.make_jaxpr(jax.grad(conv, 1))(x, w))  # the written transpose
     for platform in ("cuda", "tpu"):  # their convolutions throughout
-        assert convolves(conv, x, w, platform=platform) and convolves(jax.grad(conv), x, w, platform=platform)
+        assert all(convolves(fn, x, w, platform=platform) for fn in (conv, jax.grad(conv), jax.grad(conv, 1)))
 
 
 def test_a_bfloat16_depthwise_conv_accumulates_in_float32(rng):

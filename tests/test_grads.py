@@ -85,7 +85,7 @@ def test_max_pool_nan_window_sends_its_gradient_where_autodiff_does():
 
 def test_the_hand_written_depthwise_backward_matches_torch_autograd(rng):
     """Depthwise convs (groups = C_in, channel multiplier 1-3), whose hand-written backward a CPU runs by taps
-    (functional.depthwise_backward_by_taps): dx and dw equal torch.autograd's on 1-D and 2-D, lax's convolution
+    (jaxconv.depthwise.input_grad, weight_grad): dx and dw equal torch.autograd's on 1-D and 2-D, lax's convolution
     gradients on 3-D; the program holds no convolution on the CPU and keeps XLA's convolutions for a GPU."""
     torch = pytest.importorskip("torch")
     from jax import lax
