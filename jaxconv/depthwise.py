@@ -132,11 +132,27 @@ def _compiled(p, params):
 
 def _conv_shape(x, w, *, stride, pads, dilation, precision):
     out = F.output_spatial(x.shape[1:-1], pads, w.shape[:x.ndim - 2], stride, dilation)
-    return jax.core.ShapedArray((x.shape[0], *out, w.shape[-1]), x.dtype)
+    return _typed((x.shape[0], *out, w.shape[-1]), x, w, batch_axis=0)
 
 
 def _weight_grad_shape(x, g, *, kernel, stride, pads, dilation, precision):
-    return jax.core.ShapedArray((*kernel, 1, g.shape[-1]), x.dtype)
+    return _typed((*kernel, 1, g.shape[-1]), x, g, batch_axis=None)
+
+
+def _typed(shape, x, other, *, batch_axis):
+    """The result's type: x's dtype, and under explicit sharding (``jax.sharding.AxisType.Explicit``) x's batch
+    sharding on ``batch_axis`` (None: replicated, the batch summed). Only the batch axis may be sharded."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is None or sharding.mesh.empty:
+        return jax.core.ShapedArray(shape, x.dtype)
+    other_spec = getattr(getattr(other, "sharding", None), "spec", ())
+    if any(s is not None for s in (*sharding.spec[1:], *other_spec[1 if batch_axis is None else 0:])):
+        raise ValueError(f"jaxconv's depthwise conv shards only the batch axis of its input (and of its output's "
+                         f"gradient); got {x.str_short(True)} and {other.str_short(True)}")
+    spec = [None] * len(shape)
+    if batch_axis is not None and len(sharding.spec):
+        spec[batch_axis] = sharding.spec[0]
+    return jax.core.ShapedArray(shape, x.dtype, sharding=sharding.update(spec=jax.sharding.PartitionSpec(*spec)))
 
 
 depthwise_conv_p = _primitive("jaxconv_depthwise_conv", _conv_shape, _conv_by_taps, _conv_by_xla)

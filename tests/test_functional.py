@@ -472,6 +472,27 @@ def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng):
         assert all(convolves(fn, x, w, platform=platform) for fn in (conv, jax.grad(conv), jax.grad(conv, 1)))
 
 
+def test_a_depthwise_conv_keeps_the_batch_sharding_of_its_types(rng):
+    """Under explicit sharding (jax.sharding.AxisType.Explicit; a one-device mesh, as the types are what is
+    checked) the output and the input gradient keep x's batch sharding, the weight gradient is replicated, the
+    numbers are the unsharded ones; a sharded spatial axis is refused by name."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    x, w = rng.normal(size=(4, 6, 6, 3)).astype(np.float32), rng.normal(size=(3, 3, 1, 6)).astype(np.float32)
+    loss = lambda x, w: jnp.sum(jnp.sin(F.conv(x, w, padding=1, groups=3)))
+    want = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        xs, ws = jax.device_put(x, NamedSharding(mesh, P("data"))), jax.device_put(w, NamedSharding(mesh, P()))
+        y = jax.jit(lambda x, w: F.conv(x, w, padding=1, groups=3))(xs, ws)
+        got = jax.jit(jax.grad(loss, (0, 1)))(xs, ws)
+        assert y.sharding.spec == P("data", None, None, None) and got[0].sharding.spec == P("data", None, None, None)
+        assert got[1].sharding.spec == P(None, None, None, None)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError, match="depthwise conv shards only the batch axis"):
+            jax.jit(loss)(jax.device_put(x, NamedSharding(mesh, P(None, "data"))), ws)
+
+
 def test_a_bfloat16_depthwise_conv_accumulates_in_float32(rng):
     x = jnp.asarray(rng.normal(size=(2, 10, 10, 4)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(5, 5, 1, 8)), jnp.bfloat16)
