@@ -194,8 +194,13 @@ def _flat_errors(manual, auto):
     return [GC.rel_error(m[...], a[...], 1e-6 * scale) for m, a in zip(nnx.to_flat_state(manual).leaves, flat_a.leaves)]
 
 
-@pytest.mark.parametrize("name", ["lenet5", "mnist1d_cnn", "seed_cnn", "mnist1d_deep", "resnet20", "unet_small"])
-@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-10), (jnp.float32, 1e-4)])
+# float64 for every kind of layer; float32, the production dtype, for the models whose layers hold the dtype-
+# sensitive rules (pools, dense, BatchNorm, GroupNorm, concat, transposed conv); ResNet-20's float32 run (13 s) adds
+# only a residual add to them.
+@pytest.mark.parametrize("name, dtype, tol", [
+    *[(name, jnp.float64, 1e-10) for name in ("lenet5", "mnist1d_cnn", "seed_cnn", "mnist1d_deep", "resnet20",
+                                              "unet_small")],
+    *[(name, jnp.float32, 1e-4) for name in ("lenet5", "mnist1d_deep", "unet_small")]])
 def test_whole_model_manual_backprop_equals_jax_grad(name, dtype, tol):
     model = create_model(name, seed=1, param_dtype=dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
