@@ -100,9 +100,9 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
                                                   precision=precision, **geometry)
     by_convolutions = lambda g, x, w: (input_grad(g, w), weight_grad(x, g))
     if groups > 1 and groups == x.shape[-1]:  # depthwise: what autodiff of F.conv runs (by taps on a CPU)
-        g = g.astype(x.dtype)
-        dx = depthwise.input_grad(g, w, x.shape, precision=precision, **geometry)
-        dw = depthwise.weight_grad(x, g, w.shape[:n], precision=precision, **geometry)
+        g_x = g.astype(x.dtype)
+        dx = depthwise.input_grad(g_x, w, x.shape, precision=precision, **geometry)
+        dw = depthwise.weight_grad(x, g_x, w.shape[:n], precision=precision, **geometry)
     elif groups == 1 and any(chosen := F.cpu_kernels(x.shape, w.shape, stride, pads, dilation)[1:]):
         # one group: on a CPU, the products functional.cpu_kernels chooses for autodiff, written out
         spread_x, dot_w = chosen
