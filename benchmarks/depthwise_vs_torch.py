@@ -1,5 +1,5 @@
 """Depthwise convolutions (``groups = C_in``) on this CPU: XLA's grouped convolution, jaxconv's ``functional.conv``
-(:mod:`jaxconv.depthwise`: sums of taps) and PyTorch's ``conv2d(groups=C)``, forward, input gradient, weight
+(:mod:`jaxconv.grouped`: sums of taps) and PyTorch's ``conv2d(groups=C)``, forward, input gradient, weight
 gradient and forward+backward, side by side in one run; with agreement checks.
 
     python benchmarks/depthwise_vs_torch.py [--rounds 8] [--layers mbv2,convnext]

@@ -290,12 +290,16 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
     x, w = x.astype(dtype), w.astype(dtype)
     if groups == 1 and any(cpu_kernels(x.shape, w.shape, stride, pads, dilation)):
         y = _cpu_conv(x, w, stride, pads, dilation, precision)
-    elif groups > 1 and groups == x.shape[-1]:
-        from jaxconv import depthwise  # it builds on this module's window helpers
-        y = depthwise.conv(x, w, stride=stride, pads=pads, dilation=dilation, precision=precision)
+    elif _grouped().runs(x.shape[-1], groups):
+        y = _grouped().conv(x, w, stride=stride, pads=pads, dilation=dilation, precision=precision)
     else:
         y = _xla_conv(x, w, stride, pads, dilation, groups, precision)
     return y if b is None else y + b.astype(y.dtype)
+
+
+def _grouped():
+    from jaxconv import grouped  # which builds on this module's window helpers
+    return grouped
 
 
 def _xla_conv(x, w, stride, pads, dilation, groups, precision):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv import depthwise
+from jaxconv import grouped
 from jaxconv import functional as F
 
 
@@ -81,8 +81,8 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     **On a CPU** the backward runs what autodiff of :func:`jaxconv.functional.conv` runs there: for a one-group
     conv, the products :func:`jaxconv.functional.cpu_kernels` chooses, written out
     (:func:`jaxconv.functional.patch_matmul_input_grad`, :func:`jaxconv.functional.patch_matmul_weight_grad`);
-    for a depthwise conv, sums over the kernel's taps (:func:`jaxconv.depthwise.input_grad`,
-    :func:`jaxconv.depthwise.weight_grad`).
+    for a depthwise conv or a grouped one of few channels per group, sums over the kernel's taps
+    (:func:`jaxconv.grouped.input_grad`, :func:`jaxconv.grouped.weight_grad`).
     GPUs and TPUs run the convolutions above.
     """
     fn = "conv_vjp"
@@ -99,10 +99,10 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     weight_grad = lambda x, g: F.conv_weight_grad(x, g.astype(x.dtype), w.shape[:n], groups=groups,
                                                   precision=precision, **geometry)
     by_convolutions = lambda g, x, w: (input_grad(g, w), weight_grad(x, g))
-    if groups > 1 and groups == x.shape[-1]:  # depthwise: what autodiff of F.conv runs (by taps on a CPU)
+    if grouped.runs(x.shape[-1], groups):  # what autodiff of F.conv runs (by taps on a CPU)
         g_x = g.astype(x.dtype)
-        dx = depthwise.input_grad(g_x, w, x.shape, precision=precision, **geometry)
-        dw = depthwise.weight_grad(x, g_x, w.shape[:n], precision=precision, **geometry)
+        dx = grouped.input_grad(g_x, w, x.shape, precision=precision, **geometry)
+        dw = grouped.weight_grad(x, g_x, w.shape[:n], group_channels=w.shape[-2], precision=precision, **geometry)
     elif groups == 1 and any(chosen := F.cpu_kernels(x.shape, w.shape, stride, pads, dilation)[1:]):
         # one group: on a CPU, the products functional.cpu_kernels chooses for autodiff, written out
         spread_x, dot_w = chosen

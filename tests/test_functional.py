@@ -408,16 +408,18 @@ def test_what_a_cpu_runs_for_a_conv_keeps_its_numbers(rng, monkeypatch):
 
 
 @pytest.mark.x64  # float64 against the NumPy loop and lax's convolution at 1e-12
-def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng):
-    """Depthwise convs (groups = C_in, channel multiplier 1-3) on 1-3 spatial axes with stride, dilation and uneven
-    padding, which a CPU runs as sums of taps (jaxconv.depthwise, two primitives with their transposes written):
+def test_depthwise_and_grouped_convs_keep_their_numbers_on_a_cpu(rng):
+    """Depthwise convs (channel multiplier 1-3) and grouped ones of 2-4 channels per group on 1-3 spatial axes with
+    stride, dilation and uneven padding, which a CPU runs as sums of taps (jaxconv.grouped, two primitives with their
+    transposes written):
     values and forward-mode derivatives equal the direct loop's, gradients lax.conv_general_dilated's; jax.vmap
     (over x, w or both), jax.hessian and reverse over reverse mode go through."""
     from jax import lax
     worst, ran = 0.0, 0
     while ran < 12:
         n_sp = 1 + ran % 3
-        c_in, multiplier = int(rng.integers(2, 5)), 1 + ran // 3 % 3
+        groups, multiplier, group_channels = int(rng.integers(2, 5)), 1 + ran // 3 % 3, (1, 2, 1, 4)[ran % 4]
+        c_in = groups * group_channels
         kernel = tuple(int(k) for k in rng.integers(1, 4, n_sp))
         stride, dilation = (tuple(int(v) for v in rng.integers(1, 3, n_sp)) for _ in range(2))
         pads = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (n_sp, 2)))
@@ -425,51 +427,55 @@ def test_depthwise_convs_keep_their_numbers_on_a_cpu(rng):
         if any(R.out_size(s, *p, k, st, d) < 1 for s, p, k, st, d in zip(size, pads, kernel, stride, dilation)):
             continue
         x = rng.normal(size=(2, *size, c_in))
-        w = rng.normal(size=(*kernel, 1, c_in * multiplier))
-        loop = R.conv(x, w, None, stride, pads, dilation, c_in)
+        w = rng.normal(size=(*kernel, group_channels, groups * multiplier))
+        loop = R.conv(x, w, None, stride, pads, dilation, groups)
         g = rng.normal(size=loop.shape)
         tangents = (rng.normal(size=x.shape), rng.normal(size=w.shape))
 
         @jax.jit  # one program per configuration
         def derivatives(x, w, g, tangents):
-            mine = lambda x, w: F.conv(x, w, stride=stride, padding=pads, dilation=dilation, groups=c_in)
+            mine = lambda x, w: F.conv(x, w, stride=stride, padding=pads, dilation=dilation, groups=groups)
             xla = lambda x, w: lax.conv_general_dilated(x, w, stride, pads, rhs_dilation=dilation,
                                                         dimension_numbers=F.conv_dimension_numbers(n_sp),
-                                                        feature_group_count=c_in)
+                                                        feature_group_count=groups)
             (got, vjp), (want, want_vjp) = jax.vjp(mine, x, w), jax.vjp(xla, x, w)
             return got, want, jax.jvp(mine, (x, w), tangents)[1], vjp(g), want_vjp(g)
         got, want, forward_mode, grads, want_grads = derivatives(x, w, g, tangents)
         worst = max(worst, rel_err(got, loop), rel_err(want, loop),
-                    rel_err(forward_mode, R.conv(tangents[0], w, None, stride, pads, dilation, c_in)
-                            + R.conv(x, tangents[1], None, stride, pads, dilation, c_in)),
+                    rel_err(forward_mode, R.conv(tangents[0], w, None, stride, pads, dilation, groups)
+                            + R.conv(x, tangents[1], None, stride, pads, dilation, groups)),
                     *(rel_err(a, b) for a, b in zip(grads, want_grads)))
         ran += 1
     assert worst <= 1e-12, worst
 
-    x, w = rng.normal(size=(2, 6, 5, 3)), rng.normal(size=(3, 2, 1, 6))
-    mine = lambda x, w: jnp.sum(jnp.sin(F.conv(x, w, padding=1, groups=3)))
-    xla = lambda x, w: jnp.sum(jnp.sin(lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                                                 dimension_numbers=F.conv_dimension_numbers(2),
-                                                                 feature_group_count=3)))
-    xs, ws = np.stack([x, 2 * x]), np.stack([w, -w])
     grad_of_grad = lambda f: jax.grad(lambda x, w: sum(jnp.sum(jnp.cos(t)) for t in jax.grad(f, (0, 1))(x, w)), (0, 1))
-    for transform, args in [(jax.hessian, (x, w)), (grad_of_grad, (x, w)), *[
-            (lambda f, axes=axes: jax.vmap(jax.grad(f, (0, 1)), axes), (xs if axes[0] == 0 else x, ws if axes[1] == 0 else w))
-            for axes in ((0, None), (None, 0), (0, 0))]]:
-        for a, b in zip(jax.tree.leaves(jax.jit(transform(mine))(*args)), jax.tree.leaves(jax.jit(transform(xla))(*args))):
-            assert rel_err(a, b) <= 1e-12
+    for groups, x, w in [(3, rng.normal(size=(2, 6, 5, 3)), rng.normal(size=(3, 2, 1, 6))),  # depthwise
+                         (2, rng.normal(size=(2, 6, 5, 4)), rng.normal(size=(3, 2, 2, 6)))]:  # 2 channels per group
+        mine = lambda x, w, groups=groups: jnp.sum(jnp.sin(F.conv(x, w, padding=1, groups=groups)))
+        xla = lambda x, w, groups=groups: jnp.sum(jnp.sin(lax.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=F.conv_dimension_numbers(2), feature_group_count=groups)))
+        xs, ws = np.stack([x, 2 * x]), np.stack([w, -w])
+        for transform, args in [(jax.hessian, (x, w)), (grad_of_grad, (x, w)), *[
+                (lambda f, axes=axes: jax.vmap(jax.grad(f, (0, 1)), axes),
+                 (xs if axes[0] == 0 else x, ws if axes[1] == 0 else w)) for axes in ((0, None), (None, 0), (0, 0))]]:
+            for a, b in zip(jax.tree.leaves(jax.jit(transform(mine))(*args)),
+                            jax.tree.leaves(jax.jit(transform(xla))(*args))):
+                assert rel_err(a, b) <= 1e-12
 
     def convolves(fn, *args, platform="cpu"):
         return "convolution" in jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module() \
             if platform != "cpu" else " convolution(" in jax.jit(fn).lower(*args).compile().as_text()
-    x, w = jnp.ones((4, 10, 10, 4)), jnp.ones((3, 3, 1, 8))
-    conv = lambda x, w: F.conv(x, w, padding=1, groups=4).sum()
-    assert not convolves(conv, x, w)
-    assert not convolves(jax.grad(conv), x, w)
-    assert not convolves(jax.grad(conv, 1), x, w)
-    assert "jaxconv_depthwise_weight_grad" in str(jax.make_jaxpr(jax.grad(conv, 1))(x, w))  # the written transpose
-    for platform in ("cuda", "tpu"):  # their convolutions throughout
-        assert all(convolves(fn, x, w, platform=platform) for fn in (conv, jax.grad(conv), jax.grad(conv, 1)))
+    for w in (jnp.ones((3, 3, 1, 8)), jnp.ones((3, 3, 2, 8))):  # depthwise; 2 channels in each of 4 groups
+        x = jnp.ones((4, 10, 10, 4 * w.shape[-2]))
+        conv = lambda x, w: F.conv(x, w, padding=1, groups=4).sum()
+        assert not convolves(conv, x, w)
+        assert not convolves(jax.grad(conv), x, w)
+        assert not convolves(jax.grad(conv, 1), x, w)
+        assert "jaxconv_grouped_weight_grad" in str(jax.make_jaxpr(jax.grad(conv, 1))(x, w))  # the written transpose
+        for platform in ("cuda", "tpu"):  # their convolutions throughout
+            assert all(convolves(fn, x, w, platform=platform) for fn in (conv, jax.grad(conv), jax.grad(conv, 1)))
+    x, w = jnp.ones((2, 6, 6, 32)), jnp.ones((3, 3, 16, 8))  # 16 channels per group: XLA's convolution
+    assert convolves(lambda x, w: F.conv(x, w, padding=1, groups=2), x, w)
 
 
 def test_a_depthwise_conv_keeps_the_batch_sharding_of_its_types(rng):
@@ -489,7 +495,7 @@ def test_a_depthwise_conv_keeps_the_batch_sharding_of_its_types(rng):
         assert got[1].sharding.spec == P(None, None, None, None)
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
-        with pytest.raises(ValueError, match="depthwise conv shards only the batch axis"):
+        with pytest.raises(ValueError, match="grouped conv shards only the batch axis"):
             jax.jit(loss)(jax.device_put(x, NamedSharding(mesh, P(None, "data"))), ws)
 
 

@@ -83,31 +83,34 @@ def test_max_pool_nan_window_sends_its_gradient_where_autodiff_does():
     np.testing.assert_array_equal(manual.reshape(2, 4), [[0, 0, 0, 0], [0, 10, 0, 20]])
 
 
-def test_the_hand_written_depthwise_backward_matches_torch_autograd(rng):
-    """Depthwise convs (groups = C_in, channel multiplier 1-3), whose hand-written backward a CPU runs by taps
-    (jaxconv.depthwise.input_grad, weight_grad): dx and dw equal torch.autograd's on 1-D and 2-D, lax's convolution
-    gradients on 3-D; the program holds no convolution on the CPU and keeps XLA's convolutions for a GPU."""
+def test_the_hand_written_grouped_backward_matches_torch_autograd(rng):
+    """Depthwise convs (channel multiplier 1-3) and grouped ones of 2-3 channels per group, whose hand-written
+    backward a CPU runs by taps (jaxconv.grouped.input_grad, weight_grad): dx and dw equal torch.autograd's on 1-D and
+    2-D, lax's convolution gradients on 3-D; the program holds no convolution on the CPU and keeps XLA's convolutions
+    for a GPU."""
     torch = pytest.importorskip("torch")
     from jax import lax
     for trial in range(9):
-        n_sp, multiplier, c = 1 + trial % 3, 1 + trial % 4 // 2 + trial % 2, int(rng.integers(2, 5))
+        n_sp, multiplier, groups = 1 + trial % 3, 1 + trial % 4 // 2 + trial % 2, int(rng.integers(2, 5))
+        group_channels = (1, 2, 1, 3)[trial % 4]
+        c = groups * group_channels
         k, s, d = (tuple(int(v) for v in rng.integers(1, 4, n_sp)) for _ in range(3))
         pad = tuple(int(v) for v in rng.integers(0, 3, n_sp))
         x = rng.normal(size=(2, *rng.integers(9, 12, n_sp), c))
-        w = rng.normal(size=(*k, 1, c * multiplier))
-        opts = dict(stride=s, padding=pad, dilation=d, groups=c)
+        w = rng.normal(size=(*k, group_channels, groups * multiplier))
+        opts = dict(stride=s, padding=pad, dilation=d, groups=groups)
         y = jax.jit(functools.partial(F.conv, **opts))(x, w)
         g = rng.normal(size=y.shape)
         dx, dw, _ = jax.jit(functools.partial(G.conv_vjp, **opts))(g, x, w)
         if n_sp == 3:
             want = jax.vjp(lambda x, w: lax.conv_general_dilated(
                 x, w, s, [(p, p) for p in pad], rhs_dilation=d, dimension_numbers=F.conv_dimension_numbers(3),
-                feature_group_count=c), x, w)[1](g)
+                feature_group_count=groups), x, w)[1](g)
         else:
             xt = torch.tensor(np.moveaxis(x, -1, 1), requires_grad=True)
             wt = torch.tensor(np.transpose(w, (n_sp + 1, n_sp, *range(n_sp))), requires_grad=True)
             conv = torch.nn.functional.conv1d if n_sp == 1 else torch.nn.functional.conv2d
-            conv(xt, wt, stride=s, padding=pad, dilation=d, groups=c).backward(torch.tensor(np.moveaxis(g, -1, 1)))
+            conv(xt, wt, stride=s, padding=pad, dilation=d, groups=groups).backward(torch.tensor(np.moveaxis(g, -1, 1)))
             want = np.moveaxis(xt.grad.numpy(), 1, -1), np.transpose(wt.grad.numpy(), (*range(2, n_sp + 2), 1, 0))
         np.testing.assert_allclose(dx, want[0], rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(dw, want[1], rtol=1e-10, atol=1e-12)

@@ -185,8 +185,10 @@ XLA_COUNTED = ["conv2d_pad", "conv2d_strided_dilated_groups", "conv1d_nobias", "
 def test_flops_equal_xla_cost_analysis_plus_the_bias_adds(name, make, shape, monkeypatch):
     """Convolutions (taps on padding, or cropped by a transposed conv's padding, not counted), dense,
     average pools and the residual add, layer by layer; a residual's bias adds are its convs'. Counted on XLA's
-    convolution (a CPU sums the taps of a conv with few input channels, padding included)."""
+    convolution (a CPU sums the taps of a conv with few input channels, or of few per group, padding included)."""
+    from jaxconv import grouped
     monkeypatch.setattr(F, "TAP_SUM_MAX", 0)
+    monkeypatch.setattr(grouped, "MAX_GROUP_CHANNELS", 0)
     layer = make()
     bias = sum(_bias_adds(m, s) for _, m, s, _ in _walk(layer, shape))
     assert layer.flops(shape) == _xla_flops(layer, shape) + bias

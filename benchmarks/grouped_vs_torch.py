@@ -1,0 +1,75 @@
+"""Grouped convolutions (ResNeXt-style: 3x3, 128 channels in G groups) on this CPU: jaxconv's ``functional.conv``
+(:mod:`jaxconv.grouped`, by taps up to ``grouped.MAX_GROUP_CHANNELS`` channels per group), XLA's grouped convolution
+and PyTorch's ``conv2d(groups=G)`` in channels_last, forward and forward+backward, side by side in one run.
+
+    python benchmarks/grouped_vs_torch.py [--groups 32,16,8] [--rounds 3]
+
+XLA's grouped forward and backward takes seconds per call at few channels per group; rounds alternate between
+contenders (``jaxconv.timing.time_calls``); read ratios within one run.
+"""
+import argparse
+
+import jax
+import numpy as np
+
+from jaxconv import compiler
+from jaxconv import functional as F
+from jaxconv import grouped
+from jaxconv.timing import time_calls
+
+BATCH, SIZE, CHANNELS = 8, 56, 128
+
+
+def forward_and_backward(f):
+    return compiler.jit(lambda x, w, g: (lambda y, back: (y, back(g)))(*jax.vjp(f, x, w)))
+
+
+def torch_runs(x, w, g, groups):
+    import torch
+    fmt = torch.channels_last
+    xt = torch.tensor(np.moveaxis(np.asarray(x), -1, 1)).contiguous(memory_format=fmt).requires_grad_(True)
+    wt = torch.tensor(np.asarray(w).transpose(3, 2, 0, 1).copy()).contiguous(memory_format=fmt).requires_grad_(True)
+    gt = torch.tensor(np.moveaxis(np.asarray(g), -1, 1)).contiguous(memory_format=fmt)
+    conv = lambda: torch.nn.functional.conv2d(xt, wt, padding=1, groups=groups)
+
+    def forward():
+        with torch.no_grad():
+            conv()
+
+    def both():
+        xt.grad = wt.grad = None
+        conv().backward(gt)
+    return {"torch forward": forward, "torch fwd+bwd": both}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", default="32,16,8")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(f"float32, batch {BATCH}, {SIZE}x{SIZE}, {CHANNELS} channels, 3x3, padding 1; medians of {args.rounds} "
+          f"alternating rounds, ms; jaxconv by taps up to {grouped.MAX_GROUP_CHANNELS} channels per group")
+    for groups in (int(v) for v in args.groups.split(",")):
+        kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(kx, (BATCH, SIZE, SIZE, CHANNELS))
+        w = jax.random.normal(kw, (3, 3, CHANNELS // groups, CHANNELS)) * 0.1
+        g = jax.random.normal(kg, (BATCH, SIZE, SIZE, CHANNELS))
+        mine = lambda x, w: F.conv(x, w, padding=1, groups=groups)
+        xla = lambda x, w: F._xla_conv(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1), groups, None)
+        programs = {"jaxconv forward": (compiler.jit(mine), (x, w)), "XLA forward": (compiler.jit(xla), (x, w)),
+                    "jaxconv fwd+bwd": (forward_and_backward(mine), (x, w, g)),
+                    "XLA fwd+bwd": (forward_and_backward(xla), (x, w, g))}
+        runs = {name: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for name, (f, a) in programs.items()}
+        (y, grads), (y_ref, grads_ref) = (programs[k][0](x, w, g) for k in ("jaxconv fwd+bwd", "XLA fwd+bwd"))
+        error = max(float(np.max(np.abs(a - b)) / np.max(np.abs(b))) for a, b in zip((y, *grads), (y_ref, *grads_ref)))
+        runs.update(torch_runs(x, w, g, groups))
+        med = {k: v["median_s"] * 1e3 for k, v in time_calls(runs, steps=args.rounds, warmup=0, block=1).items()}
+        print(f"\ngroups {groups} ({CHANNELS // groups} channels per group); jaxconv vs XLA, relative: {error:.1e}")
+        for key, v in med.items():
+            print(f"  {key:20s} {v:10.2f}")
+        print(f"  jaxconv fwd+bwd: {med['XLA fwd+bwd'] / med['jaxconv fwd+bwd']:.1f}x XLA's, "
+              f"{med['torch fwd+bwd'] / med['jaxconv fwd+bwd']:.2f}x PyTorch's", flush=True)
+
+
+if __name__ == "__main__":
+    main()
