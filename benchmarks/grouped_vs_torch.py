@@ -1,8 +1,9 @@
 """Grouped convolutions (ResNeXt-style: 3x3, 128 channels in G groups) on this CPU: jaxconv's ``functional.conv``
-(:mod:`jaxconv.grouped`, by taps up to ``grouped.MAX_GROUP_CHANNELS`` channels per group), XLA's grouped convolution
+(by taps up to ``grouped.MAX_GROUP_CHANNELS`` channels per group, :mod:`jaxconv.grouped`; one dense conv per group
+beyond), XLA's grouped convolution
 and PyTorch's ``conv2d(groups=G)`` in channels_last, forward and forward+backward, side by side in one run.
 
-    python benchmarks/grouped_vs_torch.py [--groups 32,16,8] [--rounds 3]
+    python benchmarks/grouped_vs_torch.py [--groups 32,16,8,4,2] [--rounds 3]
 
 XLA's grouped forward and backward takes seconds per call at few channels per group; rounds alternate between
 contenders (``jaxconv.timing.time_calls``); read ratios within one run.
@@ -44,11 +45,12 @@ def torch_runs(x, w, g, groups):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", default="32,16,8")
+    parser.add_argument("--groups", default="32,16,8,4,2")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     print(f"float32, batch {BATCH}, {SIZE}x{SIZE}, {CHANNELS} channels, 3x3, padding 1; medians of {args.rounds} "
-          f"alternating rounds, ms; jaxconv by taps up to {grouped.MAX_GROUP_CHANNELS} channels per group")
+          f"alternating rounds, ms; jaxconv by taps up to {grouped.MAX_GROUP_CHANNELS} channels per group, "
+          f"one dense conv per group beyond")
     for groups in (int(v) for v in args.groups.split(",")):
         kx, kw, kg = jax.random.split(jax.random.key(0), 3)
         x = jax.random.normal(kx, (BATCH, SIZE, SIZE, CHANNELS))

@@ -114,6 +114,11 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
                     F.patch_matmul_weight_grad(x, g, w.shape[:n], precision=precision, **geometry) if dot_w
                     else weight_grad(x, g))
         dx, dw = lax.platform_dependent(g, x, w, default=by_convolutions, cpu=on_a_cpu)
+    elif groups > 1:  # on a CPU, each group's dense backward, as F.conv runs it there
+        dense = lambda g, x, w: conv_vjp(g, x, w, stride=stride, padding=pads, dilation=dilation,
+                                         precision=precision)[:2]
+        dx, dw = lax.platform_dependent(g, x, w, default=by_convolutions,
+                                        cpu=lambda g, x, w: F.per_group(dense, groups, g, x, w))
     else:
         dx, dw = by_convolutions(g, x, w)
     db = jnp.sum(g, axis=tuple(range(g.ndim - 1)))

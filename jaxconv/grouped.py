@@ -37,13 +37,15 @@ from jaxconv import functional as F
 TAPS_PER_PASS = 9
 # Grouped convs go by taps up to this many input channels per group (Cg). ms at batch 8, 56x56, 128 channels, 3x3
 # (python benchmarks/grouped_vs_torch.py): forward by taps / XLA's grouped convolution: Cg 4: 11.7 / 82.8, Cg 8: 17.8 /
-# 42.8, Cg 16: 217.2 / 34.4 (9 x Cg products per output no longer fuse well).
+# 42.8, Cg 16: 217.2 / 34.4 (9 x Cg products per output no longer fuse well). Beyond it functional.conv runs one dense
+# conv per group on a CPU (functional.per_group), which at Cg 8 was the slower: 130.1 against 83.7 ms forward and
+# backward.
 MAX_GROUP_CHANNELS = 8
 
 
 def runs(c_in: int, groups: int) -> bool:
-    """Whether :func:`conv` computes a conv of ``groups`` groups over ``c_in`` input channels (where not, XLA's
-    convolution does): depthwise and grouped convs of at most MAX_GROUP_CHANNELS input channels per group."""
+    """Whether :func:`conv` computes a conv of ``groups`` groups over ``c_in`` input channels: depthwise and grouped
+    convs of at most MAX_GROUP_CHANNELS input channels per group (``functional.conv`` runs the others)."""
     return groups > 1 and c_in // groups <= MAX_GROUP_CHANNELS
 
 

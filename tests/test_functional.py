@@ -474,8 +474,22 @@ def test_depthwise_and_grouped_convs_keep_their_numbers_on_a_cpu(rng):
         assert "jaxconv_grouped_weight_grad" in str(jax.make_jaxpr(jax.grad(conv, 1))(x, w))  # the written transpose
         for platform in ("cuda", "tpu"):  # their convolutions throughout
             assert all(convolves(fn, x, w, platform=platform) for fn in (conv, jax.grad(conv), jax.grad(conv, 1)))
-    x, w = jnp.ones((2, 6, 6, 32)), jnp.ones((3, 3, 16, 8))  # 16 channels per group: XLA's convolution
-    assert convolves(lambda x, w: F.conv(x, w, padding=1, groups=2), x, w)
+    # more than grouped.MAX_GROUP_CHANNELS per group: one dense conv per group on a CPU, XLA's grouped one elsewhere
+    for n_sp, groups, per_group in ((1, 3, 9), (2, 2, 10), (3, 2, 9)):
+        x = rng.normal(size=(2, *(6,) * n_sp, groups * per_group))
+        w = rng.normal(size=(*(3,) * n_sp, per_group, 2 * groups))
+        mine = lambda x, w, groups=groups: F.conv(x, w, stride=2, padding=1, groups=groups)
+        xla = lambda x, w, groups=groups, n_sp=n_sp: lax.conv_general_dilated(
+            x, w, (2,) * n_sp, ((1, 1),) * n_sp, dimension_numbers=F.conv_dimension_numbers(n_sp),
+            feature_group_count=groups)
+        g = rng.normal(size=xla(x, w).shape)
+        got = jax.jit(lambda x, w, g: (mine(x, w), *jax.vjp(mine, x, w)[1](g)))(x, w, g)
+        want = jax.jit(lambda x, w, g: (xla(x, w), *jax.vjp(xla, x, w)[1](g)))(x, w, g)
+        assert max(rel_err(a, b) for a, b in zip(got, want)) <= 1e-12
+        for fn in (mine, jax.grad(lambda x, w: jnp.sum(mine(x, w) ** 2), (0, 1))):
+            text = jax.jit(fn).lower(x, w).compile().as_text()
+            assert f"group_count={groups}" not in text  # no grouped convolution (a dense group may sum taps)
+        assert f"feature_group_count = {groups}" in jax.export.export(jax.jit(mine), platforms=["cuda"])(x, w).mlir_module()
 
 
 def test_a_depthwise_conv_keeps_the_batch_sharding_of_its_types(rng):

@@ -85,14 +85,14 @@ def test_max_pool_nan_window_sends_its_gradient_where_autodiff_does():
 
 def test_the_hand_written_grouped_backward_matches_torch_autograd(rng):
     """Depthwise convs (channel multiplier 1-3) and grouped ones of 2-3 channels per group, whose hand-written
-    backward a CPU runs by taps (jaxconv.grouped.input_grad, weight_grad): dx and dw equal torch.autograd's on 1-D and
-    2-D, lax's convolution gradients on 3-D; the program holds no convolution on the CPU and keeps XLA's convolutions
-    for a GPU."""
+    backward a CPU runs by taps (jaxconv.grouped.input_grad, weight_grad), and of 9 per group, which it runs one
+    dense group at a time: dx and dw equal torch.autograd's on 1-D and 2-D, lax's convolution gradients on 3-D; the
+    program holds no convolution on the CPU and keeps XLA's convolutions for a GPU."""
     torch = pytest.importorskip("torch")
     from jax import lax
     for trial in range(9):
         n_sp, multiplier, groups = 1 + trial % 3, 1 + trial % 4 // 2 + trial % 2, int(rng.integers(2, 5))
-        group_channels = (1, 2, 1, 3)[trial % 4]
+        group_channels = (1, 2, 9, 3)[trial % 4]  # 9: one dense conv per group on a CPU
         c = groups * group_channels
         k, s, d = (tuple(int(v) for v in rng.integers(1, 4, n_sp)) for _ in range(3))
         pad = tuple(int(v) for v in rng.integers(0, 3, n_sp))
@@ -119,6 +119,9 @@ def test_the_hand_written_grouped_backward_matches_torch_autograd(rng):
     backward = jax.jit(lambda g, x, w: G.conv_vjp(g, x, w, padding=1, groups=4))
     assert " convolution(" not in backward.lower(g, x, w).compile().as_text()
     assert "convolution" in jax.export.export(backward, platforms=["cuda"])(g, x, w).mlir_module()
+    x, w, g = jnp.ones((2, 8, 8, 18)), jnp.ones((3, 3, 9, 4)), jnp.ones((2, 8, 8, 4))  # 9 channels per group
+    text = jax.jit(lambda g, x, w: G.conv_vjp(g, x, w, padding=1, groups=2)).lower(g, x, w).compile().as_text()
+    assert "group_count=2" not in text  # no grouped convolution on the CPU: a dense one per group
 
 
 def test_the_hand_written_conv_backward_runs_what_autodiff_runs_on_a_cpu(rng, monkeypatch):
