@@ -292,7 +292,7 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
         y = _cpu_conv(x, w, stride, pads, dilation, precision)
     elif _grouped().runs(x.shape[-1], groups):
         y = _grouped().conv(x, w, stride=stride, pads=pads, dilation=dilation, precision=precision)
-    elif groups > 1:  # on a CPU one dense conv per group: XLA:CPU's grouped convolution is 14-26x slower there
+    elif groups > 1:  # on a CPU one dense conv per group: forward and backward 8-46x faster than XLA:CPU's grouped
         dense = functools.partial(conv, stride=stride, padding=pads, dilation=dilation, precision=precision)
         y = lax.platform_dependent(x, w, cpu=lambda x, w: per_group(dense, groups, x, w),
                                    default=lambda x, w: _xla_conv(x, w, stride, pads, dilation, groups, precision))

@@ -53,16 +53,16 @@ def conv(x, w, *, stride, pads, dilation, precision=None):
     """The grouped ``conv(x, w)``: ``x [N, *spatial, G * Cg]``, ``w [*kernel, Cg, G * Og]`` of x's dtype, options
     resolved per axis; ``y[.., i*Og + j] = sum_{k, c < Cg} x_pad[.., k*D + o*S, i*Cg + c] w[k, c, i*Og + j]`` (a
     depthwise conv with channel multiplier m: Cg = 1, Og = m)."""
-    return grouped_conv_p.bind(x, w, stride=tuple(stride), pads=tuple(map(tuple, pads)),
-                                 dilation=tuple(dilation), precision=precision)
+    return grouped_conv_p.bind(x, w, stride=tuple(stride), pads=tuple(map(tuple, pads)), dilation=tuple(dilation),
+                               precision=precision)
 
 
 def weight_grad(x, g, kernel, *, stride, pads, dilation, group_channels=1, precision=None):
     """``dw [*kernel, Cg, C_out]`` of :func:`conv` for the output cotangent g (of x's dtype), ``Cg = group_channels``:
     ``dw[k, c, i*Og + j] = sum_{n,o} x_pad[n, k*D + o*S, i*Cg + c] g[n, o, i*Og + j]``."""
     return grouped_weight_grad_p.bind(x, g, kernel=tuple(kernel), group_channels=group_channels,
-                                        stride=tuple(stride), pads=tuple(map(tuple, pads)), dilation=tuple(dilation),
-                                        precision=precision)
+                                      stride=tuple(stride), pads=tuple(map(tuple, pads)), dilation=tuple(dilation),
+                                      precision=precision)
 
 
 def input_grad(g, w, x_shape, *, stride, pads, dilation, precision=None):
