@@ -116,8 +116,7 @@ def _input_grad_by_taps(g, w, *, x_shape, stride, pads, dilation):
     groups = x_shape[-1] // group_channels
     if group_channels > 1 and all(s == 1 for s in stride):
         # at stride 1, a grouped conv of g with the kernel flipped and each group's in and out channels swapped
-        flipped = jnp.flip(w, tuple(range(len(kernel)))).reshape(*kernel, group_channels, groups, -1)
-        w_t = jnp.swapaxes(flipped, -3, -1).reshape(*kernel, w.shape[-1] // groups, x_shape[-1])
+        w_t = F.transpose_kernel(jnp.swapaxes(w, -1, -2), groups)
         spans = [(k - 1) * d for k, d in zip(kernel, dilation)]
         return _conv_by_taps(g, w_t.astype(g.dtype), stride=stride, dilation=dilation, precision=None,
                              pads=[(span - lo, span - hi) for span, (lo, hi) in zip(spans, pads)])
