@@ -55,13 +55,15 @@ def jax_pieces(x, w, g, stride):
 
 
 def torch_pieces(x, w, g, stride, channels_last):
+    """PyTorch's ``conv2d`` of the same arrays (its groups from the kernel's shape, symmetric padding K // 2):
+    forward and forward+backward runs, named by layout."""
     import torch
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    c, k = x.shape[-1], w.shape[0]
+    groups, k = x.shape[-1] // w.shape[-2], w.shape[0]
     xt = torch.tensor(np.moveaxis(np.asarray(x), -1, 1)).contiguous(memory_format=fmt).requires_grad_(True)
     wt = torch.tensor(np.asarray(w).transpose(3, 2, 0, 1).copy()).contiguous(memory_format=fmt).requires_grad_(True)
     gt = torch.tensor(np.moveaxis(np.asarray(g), -1, 1)).contiguous(memory_format=fmt)
-    conv = lambda: torch.nn.functional.conv2d(xt, wt, stride=stride, padding=k // 2, groups=c)
+    conv = lambda: torch.nn.functional.conv2d(xt, wt, stride=stride, padding=k // 2, groups=groups)
     tag = "channels_last" if channels_last else "NCHW"
 
     def forward():

@@ -18,29 +18,13 @@ from jaxconv import functional as F
 from jaxconv import grouped
 from jaxconv.timing import time_calls
 
+from depthwise_vs_torch import torch_pieces  # this folder is on the path when run as a script
+
 BATCH, SIZE, CHANNELS = 8, 56, 128
 
 
 def forward_and_backward(f):
     return compiler.jit(lambda x, w, g: (lambda y, back: (y, back(g)))(*jax.vjp(f, x, w)))
-
-
-def torch_runs(x, w, g, groups):
-    import torch
-    fmt = torch.channels_last
-    xt = torch.tensor(np.moveaxis(np.asarray(x), -1, 1)).contiguous(memory_format=fmt).requires_grad_(True)
-    wt = torch.tensor(np.asarray(w).transpose(3, 2, 0, 1).copy()).contiguous(memory_format=fmt).requires_grad_(True)
-    gt = torch.tensor(np.moveaxis(np.asarray(g), -1, 1)).contiguous(memory_format=fmt)
-    conv = lambda: torch.nn.functional.conv2d(xt, wt, padding=1, groups=groups)
-
-    def forward():
-        with torch.no_grad():
-            conv()
-
-    def both():
-        xt.grad = wt.grad = None
-        conv().backward(gt)
-    return {"torch forward": forward, "torch fwd+bwd": both}
 
 
 def main():
@@ -64,13 +48,13 @@ def main():
         runs = {name: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for name, (f, a) in programs.items()}
         (y, grads), (y_ref, grads_ref) = (programs[k][0](x, w, g) for k in ("jaxconv fwd+bwd", "XLA fwd+bwd"))
         error = max(float(np.max(np.abs(a - b)) / np.max(np.abs(b))) for a, b in zip((y, *grads), (y_ref, *grads_ref)))
-        runs.update(torch_runs(x, w, g, groups))
+        runs.update(torch_pieces(x, w, g, 1, channels_last=True))
         med = {k: v["median_s"] * 1e3 for k, v in time_calls(runs, steps=args.rounds, warmup=0, block=1).items()}
         print(f"\ngroups {groups} ({CHANNELS // groups} channels per group); jaxconv vs XLA, relative: {error:.1e}")
         for key, v in med.items():
-            print(f"  {key:20s} {v:10.2f}")
+            print(f"  {key:30s} {v:10.2f}")
         print(f"  jaxconv fwd+bwd: {med['XLA fwd+bwd'] / med['jaxconv fwd+bwd']:.1f}x XLA's, "
-              f"{med['torch fwd+bwd'] / med['jaxconv fwd+bwd']:.2f}x PyTorch's", flush=True)
+              f"{med['torch channels_last fwd+bwd'] / med['jaxconv fwd+bwd']:.2f}x PyTorch's", flush=True)
 
 
 if __name__ == "__main__":
