@@ -83,7 +83,7 @@ def _accumulator(dtype):
 def _conv_by_taps(x, w, *, stride, pads, dilation, precision):
     del precision  # exact products, accumulated in float32 at least
     acc = _accumulator(x.dtype)
-    group_channels, per_group = _group_sizes(x.shape[-1], w.shape[-2], w.shape[-1])
+    group_channels, per_group = w.shape[-2], _outputs_per_group(x.shape[-1], w.shape[-2], w.shape[-1])
     _, pieces = F.window_pieces(x, w.shape[:x.ndim - 2], stride=stride, pads=pads, dilation=dilation)
     y = None
     for tap, piece in pieces:
@@ -93,9 +93,9 @@ def _conv_by_taps(x, w, *, stride, pads, dilation, precision):
     return y.astype(x.dtype)
 
 
-def _group_sizes(c_in, group_channels, c_out):
-    """``(Cg, Og)``: input and output channels per group."""
-    return group_channels, c_out // (c_in // group_channels)
+def _outputs_per_group(c_in, group_channels, c_out):
+    """Og, the output channels of each of the ``c_in // group_channels`` groups."""
+    return c_out // (c_in // group_channels)
 
 
 def _each_groups_channel(piece, group_channels, per_group):
@@ -134,7 +134,7 @@ def _weight_grad_by_taps(x, g, *, kernel, group_channels, stride, pads, dilation
     one loop (``lax.reduce`` over several operands), then over the batch."""
     del precision
     acc = _accumulator(x.dtype)
-    _, per_group = _group_sizes(x.shape[-1], group_channels, g.shape[-1])
+    per_group = _outputs_per_group(x.shape[-1], group_channels, g.shape[-1])
     g = g.astype(acc)
     _, pieces = F.window_pieces(x.astype(acc), kernel, stride=stride, pads=pads, dilation=dilation)
     products = [part * g for _, piece in pieces for part in _each_groups_channel(piece, group_channels, per_group)]
