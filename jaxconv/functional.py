@@ -1002,8 +1002,17 @@ def batch_norm(x, scale, bias, mean, var, *, epsilon: float = 1e-5):
     for name, v in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var)):
         if tuple(v.shape) != (c,):
             raise ValueError(f"batch_norm: `{name}` must have shape ({c},) to match `x.shape[-1]`, got {tuple(v.shape)}")
+    mean, var = statistics_for(x, mean, var)
     inv = lax.rsqrt(var + epsilon) * scale
     return (x - mean) * inv + bias
+
+
+def statistics_for(x, mean, var):
+    """Running statistics in the wider of their dtype and ``x``'s: float32 statistics (as Flax keeps them) with
+    float64 data are normalised in float64, not through a float32 ``rsqrt``, whose last bit differs between
+    compiled programs on some CPUs; float32 or bfloat16 data keep float32 statistics."""
+    dtype = jnp.result_type(x.dtype, mean.dtype, var.dtype)
+    return mean.astype(dtype), var.astype(dtype)
 
 
 def batch_moments(x):

@@ -339,6 +339,7 @@ def batch_norm_vjp(g, x, scale, bias, mean, var, *, epsilon: float = 1e-5):
     with the statistics as inputs (inference mode)."""
     _check_g(g, x.shape, fn="batch_norm_vjp")
     axes = tuple(range(x.ndim - 1))
+    mean, var = F.statistics_for(x, mean, var)
     inv = lax.rsqrt(var + epsilon)
     x_hat = (x - mean) * inv
     dx = g * (scale * inv)
