@@ -17,8 +17,9 @@ Conventions, said once:
   most MFU reports), less the gradient of the data, which no step computes: the first conv counts its
   forward and weight gradient only. ``flops_xla_compiled`` is
   the compiled program's analysis: on a GPU it leaves out the convolutions, which the compiler hands to cuDNN
-  as library calls (seen on an H200: 2.3 of cifar_resnet18's 371 training GFLOPs), so it is kept as a field
-  but not compared.
+  as library calls (seen on an H200: 2.3 of cifar_resnet18's 371 training GFLOPs), and on a CPU those jaxconv hands
+  to oneDNN as custom calls (:mod:`jaxconv.onednn`), so it is kept as a field but not compared; ``flops_xla`` then
+  comes from the step lowered with XLA's convolutions.
 * MFU = achieved FLOP/s / the device's peak FLOP/s, achieved = ``flops_model`` / step time (the model's
   necessary work, not what XLA happened to compile). Peaks come from :data:`PEAK_FLOPS` (vendor figures,
   dense, per device) for the unit that does float32 work at JAX's matmul precision in force: by default JAX
@@ -51,7 +52,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxconv import compiler, parallel
+from jaxconv import compiler, onednn_conv, parallel
 from jaxconv import functional as F
 from jaxconv.models import create_model
 from jaxconv.shapes import summary, training_flops
@@ -254,13 +255,14 @@ def traced_flops(model_name: str, batch: int = 128, mode: str = "train", dtype: 
 def cpu_traced_flops(model, batch: int, mode: str, dtype: str) -> float | None:
     """XLA's cost analysis of the step as traced, lowered for one CPU device. The count is the program's, not the
     device's; a GPU backend gives none for a lowered program (``None``, seen with jax 0.11.2 on an H200), and its
-    compiled program's leaves the cuDNN convolutions out. ``None`` where JAX has no CPU backend."""
+    compiled program's leaves the cuDNN convolutions out. The convolutions are XLA's, not oneDNN's custom calls (whose
+    work XLA's analysis does not see). ``None`` where JAX has no CPU backend."""
     try:
         cpu = jax.devices("cpu")[:1]
     except RuntimeError:  # JAX_PLATFORMS without cpu
         return None
     mesh = jax.make_mesh((1,), (parallel.AXIS,), devices=cpu, axis_types=(jax.sharding.AxisType.Auto,))
-    with jax.default_device(cpu[0]):
+    with jax.default_device(cpu[0]), onednn_conv.xla_convolutions():  # XLA counts no custom call's work
         _, timed = jax_step(model, batch, mode=mode, dtype=dtype, mesh=mesh, compile=False)
     return xla_flops(timed.lowered)
 
@@ -312,8 +314,10 @@ def measure(model_name, *, batch: int = 128, dtype: str = "float32", grad: str =
         model, model_name = model_name, getattr(model_name, "name", type(model_name).__name__)
     run, compiled = jax_step(model, batch, mode=mode, dtype=dtype, mesh=mesh)
     flops_model, flops_xla = model_flops(model, batch, mode), xla_flops(compiled.lowered)
-    if flops_xla is None:  # no analysis of a lowered program on this backend (GPUs): the same step lowered for a
-        flops_xla = cpu_traced_flops(model, batch, mode, dtype)  # CPU, before the steps donate the model's arrays
+    if flops_xla is None or "jaxconv_onednn" in compiled.lowered.as_text():
+        # no analysis of a lowered program on this backend (GPUs), or oneDNN's custom calls, which it does not see:
+        # the same step lowered for a CPU with XLA's convolutions, before the steps donate the model's arrays
+        flops_xla = cpu_traced_flops(model, batch, mode, dtype)
     runs = {"jaxconv": run}
     torch_error = None
     if compare_torch:

@@ -288,7 +288,9 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
     _check_bias(b, w.shape[-1], fn=fn)
     dtype = jnp.result_type(x, w)  # promote mixed precisions, as Flax does
     x, w = x.astype(dtype), w.astype(dtype)
-    if groups == 1 and any(cpu_kernels(x.shape, w.shape, stride, pads, dilation)):
+    if groups == 1 and _onednn_conv().runs(x, w, pads):  # oneDNN's kernels on a CPU (jaxconv.onednn)
+        y = _onednn_conv().conv(x, w, stride=stride, pads=pads, dilation=dilation, precision=precision)
+    elif groups == 1 and any(cpu_kernels(x.shape, w.shape, stride, pads, dilation)):
         y = _cpu_conv(x, w, stride, pads, dilation, precision)
     elif _grouped().runs(x.shape[-1], groups):
         y = _grouped().conv(x, w, stride=stride, pads=pads, dilation=dilation, precision=precision)
@@ -314,6 +316,11 @@ def per_group(fn, groups: int, *arrays):
 def _grouped():
     from jaxconv import grouped  # which builds on this module's window helpers
     return grouped
+
+
+def _onednn_conv():
+    from jaxconv import onednn_conv  # which builds on this module's XLA convolutions
+    return onednn_conv
 
 
 def _xla_conv(x, w, stride, pads, dilation, groups, precision):

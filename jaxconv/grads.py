@@ -20,6 +20,7 @@ import numpy as np
 from jax import lax
 
 from jaxconv import grouped
+from jaxconv import onednn_conv
 from jaxconv import functional as F
 
 
@@ -79,7 +80,8 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
     **db** — g summed over every axis but the last.
 
     **On a CPU** the backward runs what autodiff of :func:`jaxconv.functional.conv` runs there: for a one-group
-    conv, the products :func:`jaxconv.functional.cpu_kernels` chooses, written out
+    conv, oneDNN's kernels where :func:`jaxconv.onednn_conv.runs` (:func:`jaxconv.onednn_conv.input_grad`,
+    :func:`jaxconv.onednn_conv.weight_grad`), else the products :func:`jaxconv.functional.cpu_kernels` chooses, written out
     (:func:`jaxconv.functional.patch_matmul_input_grad`, :func:`jaxconv.functional.patch_matmul_weight_grad`);
     for a depthwise conv or a grouped one of few channels per group, sums over the kernel's taps
     (:func:`jaxconv.grouped.input_grad`, :func:`jaxconv.grouped.weight_grad`).
@@ -103,6 +105,10 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
         g_x = g.astype(x.dtype)
         dx = grouped.input_grad(g_x, w, x.shape, precision=precision, **geometry)
         dw = grouped.weight_grad(x, g_x, w.shape[:n], group_channels=w.shape[-2], precision=precision, **geometry)
+    elif groups == 1 and onednn_conv.runs(x, w, pads):  # oneDNN's kernels on a CPU, as autodiff of F.conv
+        g_x = g.astype(x.dtype)
+        dx = onednn_conv.input_grad(g_x, w, in_spatial, precision=precision, **geometry)
+        dw = onednn_conv.weight_grad(x, g_x, w.shape[:n], precision=precision, **geometry)
     elif groups == 1 and any(chosen := F.cpu_kernels(x.shape, w.shape, stride, pads, dilation)[1:]):
         # one group: on a CPU, the products functional.cpu_kernels chooses for autodiff, written out
         spread_x, dot_w = chosen

@@ -153,7 +153,7 @@ def _weight_grad_by_xla(x, g, *, kernel, group_channels, stride, pads, dilation,
                               groups=x.shape[-1] // group_channels, precision=precision)
 
 
-def _primitive(name, abstract_eval, by_taps, by_xla):
+def platform_primitive(name, abstract_eval, by_taps, by_xla):
     """A primitive lowered to ``by_taps`` on a CPU and ``by_xla`` elsewhere; called outside ``jit``, it compiles."""
     p = Primitive(name)
     p.def_abstract_eval(abstract_eval)
@@ -170,14 +170,14 @@ def _compiled(p, params):
 
 def _conv_shape(x, w, *, stride, pads, dilation, precision):
     out = F.output_spatial(x.shape[1:-1], pads, w.shape[:x.ndim - 2], stride, dilation)
-    return _typed((x.shape[0], *out, w.shape[-1]), x, w, batch_axis=0)
+    return typed((x.shape[0], *out, w.shape[-1]), x, w, batch_axis=0)
 
 
 def _weight_grad_shape(x, g, *, kernel, group_channels, stride, pads, dilation, precision):
-    return _typed((*kernel, group_channels, g.shape[-1]), x, g, batch_axis=None)
+    return typed((*kernel, group_channels, g.shape[-1]), x, g, batch_axis=None)
 
 
-def _typed(shape, x, other, *, batch_axis):
+def typed(shape, x, other, *, batch_axis):
     """The result's type: x's dtype, and under explicit sharding (``jax.sharding.AxisType.Explicit``) x's batch
     sharding on ``batch_axis`` (None: replicated, the batch summed). Only the batch axis may be sharded."""
     sharding = getattr(x, "sharding", None)
@@ -185,7 +185,7 @@ def _typed(shape, x, other, *, batch_axis):
         return jax.core.ShapedArray(shape, x.dtype)
     other_spec = getattr(getattr(other, "sharding", None), "spec", ())
     if any(s is not None for s in (*sharding.spec[1:], *other_spec[1 if batch_axis is None else 0:])):
-        raise ValueError(f"jaxconv's grouped conv shards only the batch axis of its input (and of its output's "
+        raise ValueError(f"jaxconv's conv primitives shard only the batch axis of their input (and of its output's "
                          f"gradient); got {x.str_short(True)} and {other.str_short(True)}")
     spec = [None] * len(shape)
     if batch_axis is not None and len(sharding.spec):
@@ -193,8 +193,8 @@ def _typed(shape, x, other, *, batch_axis):
     return jax.core.ShapedArray(shape, x.dtype, sharding=sharding.update(spec=jax.sharding.PartitionSpec(*spec)))
 
 
-grouped_conv_p = _primitive("jaxconv_grouped_conv", _conv_shape, _conv_by_taps, _conv_by_xla)
-grouped_weight_grad_p = _primitive("jaxconv_grouped_weight_grad", _weight_grad_shape, _weight_grad_by_taps,
+grouped_conv_p = platform_primitive("jaxconv_grouped_conv", _conv_shape, _conv_by_taps, _conv_by_xla)
+grouped_weight_grad_p = platform_primitive("jaxconv_grouped_weight_grad", _weight_grad_shape, _weight_grad_by_taps,
                                      _weight_grad_by_xla)
 
 

@@ -11,6 +11,7 @@ from flax import nnx
 from jaxconv import bench
 from jaxconv import functional as F
 from jaxconv import layers as L
+from jaxconv import onednn
 from jaxconv.cli import main
 from jaxconv.models import Builder
 
@@ -35,8 +36,11 @@ def test_flops_agree_with_a_hand_count_and_with_xla(monkeypatch):
     assert train["flops_model"] == 2 * 2 * 2736
     # XLA's count of the traced step, with the loss (a softmax per output position) and the optimizer
     assert train["flops_model"] < train["flops_xla"] < train["flops_model"] * 1.5
-    # the compiled program's count, beside it: on this CPU XLA compiles convolutions itself and counts them
-    assert inference["flops_xla_compiled"] == pytest.approx(2 * 2736, rel=0.05)
+    # the compiled program's count, beside it: where oneDNN runs the conv (a custom call), XLA does not see its work
+    if onednn.available():
+        assert inference["flops_xla_compiled"] < 0.1 * 2 * 2736
+    else:
+        assert inference["flops_xla_compiled"] == pytest.approx(2 * 2736, rel=0.05)
     # where a backend has no analysis of a lowered program (GPUs), the step lowered for a CPU device counts
     assert bench.cpu_traced_flops(one_conv(), 2, "inference", "float32") == pytest.approx(2 * 2736, rel=0.05)
     assert bench.cpu_traced_flops(one_conv(), 2, "train", "float32") == train["flops_xla"]

@@ -510,7 +510,7 @@ def test_a_depthwise_conv_keeps_the_batch_sharding_of_its_types(rng):
         assert got[1].sharding.spec == P(None, None, None, None)
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
-        with pytest.raises(ValueError, match="grouped conv shards only the batch axis"):
+        with pytest.raises(ValueError, match="conv primitives shard only the batch axis"):
             jax.jit(loss)(jax.device_put(x, NamedSharding(mesh, P(None, "data"))), ws)
 
 
