@@ -75,7 +75,8 @@ def main():
         print(f"  {kind:32s} {ms:9.2f} thread-ms  {ms / (cores * wall * 1e3):6.1%}")
     print(f"  {'(other marked ops)':32s} {marked - sum(ms for _, ms in kinds.most_common(args.top)):9.2f} thread-ms")
     unmarked = cores * wall * 1e3 - marked
-    print(f"  {'unmarked: Eigen convolutions, idle':32s} {unmarked:9.2f} thread-ms  {unmarked / (cores * wall * 1e3):6.1%}")
+    share = unmarked / (cores * wall * 1e3)
+    print(f"  {'unmarked: Eigen convolutions, idle':32s} {unmarked:9.2f} thread-ms  {share:6.1%}")
     print(f"trace: {trace_dir}")
 
 

@@ -81,9 +81,10 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
 
     **On a CPU** the backward runs what autodiff of :func:`jaxconv.functional.conv` runs there: for a one-group
     conv, oneDNN's kernels where :func:`jaxconv.onednn_conv.runs` (:func:`jaxconv.onednn_conv.input_grad`,
-    :func:`jaxconv.onednn_conv.weight_grad`), else the products :func:`jaxconv.functional.cpu_kernels` chooses, written out
-    (:func:`jaxconv.functional.patch_matmul_input_grad`, :func:`jaxconv.functional.patch_matmul_weight_grad`);
-    for a depthwise conv or a grouped one of few channels per group, sums over the kernel's taps
+    :func:`jaxconv.onednn_conv.weight_grad`), else the products :func:`jaxconv.functional.cpu_kernels` chooses,
+    written out (:func:`jaxconv.functional.patch_matmul_input_grad`,
+    :func:`jaxconv.functional.patch_matmul_weight_grad`); for a depthwise conv or a grouped one of few channels per
+    group, sums over the kernel's taps
     (:func:`jaxconv.grouped.input_grad`, :func:`jaxconv.grouped.weight_grad`).
     GPUs and TPUs run the convolutions above.
     """
