@@ -35,15 +35,21 @@ LAYERS = [
 BEFORE = {"SCATTER_MIN_RATIO": float("inf"), "DOT_WEIGHT_GRAD_MAX_TAPS": 0}  # few-channel choices only
 
 
+def layer_arrays(batch, size, kernel, c_in, c_out, stride, pad):
+    """A layer row's resolved options and random ``x``, ``w`` and output cotangent ``g``."""
+    n = len(size)
+    options = dict(stride=(stride,) * n, pads=((pad, pad),) * n, dilation=(1,) * n)
+    x = jax.random.normal(jax.random.key(0), (batch, *size, c_in))
+    w = jax.random.normal(jax.random.key(1), (*kernel, c_in, c_out)) * 0.1
+    out = F.output_spatial(size, options["pads"], kernel, options["stride"])
+    g = jax.random.normal(jax.random.key(2), (batch, *out, c_out))
+    return options, x, w, g
+
+
 def layer_runs(rounds):
     runs, rows = {}, []
     for what, batch, size, kernel, c_in, c_out, stride, pad in LAYERS:
-        n = len(size)
-        options = dict(stride=(stride,) * n, pads=((pad, pad),) * n, dilation=(1,) * n)
-        x = jax.random.normal(jax.random.key(0), (batch, *size, c_in))
-        w = jax.random.normal(jax.random.key(1), (*kernel, c_in, c_out)) * 0.1
-        out = F.output_spatial(size, options["pads"], kernel, options["stride"])
-        g = jax.random.normal(jax.random.key(2), (batch, *out, c_out))
+        options, x, w, g = layer_arrays(batch, size, kernel, c_in, c_out, stride, pad)
         _, spread_x, dot_w = F.cpu_kernels(x.shape, w.shape, options["stride"], options["pads"], options["dilation"])
 
         def xla(x, w, o=options):

@@ -18,6 +18,8 @@ from jaxconv import functional as F
 from jaxconv.models import create_model
 from jaxconv.timing import time_calls
 
+from cpu_convs import layer_arrays  # this folder is on the path when run as a script
+
 # (what, batch, spatial size, kernel, C_in, C_out, stride, padding)
 LAYERS = [
     ("resnet20 3x3 16 -> 16", 128, (32, 32), (3, 3), 16, 16, 1, 1),
@@ -34,12 +36,7 @@ LAYERS = [
 
 def layer_rows(rounds):
     for what, batch, size, kernel, c_in, c_out, stride, pad in LAYERS:
-        n = len(size)
-        geometry = dict(stride=(stride,) * n, pads=((pad, pad),) * n, dilation=(1,) * n)
-        x = jax.random.normal(jax.random.key(0), (batch, *size, c_in))
-        w = jax.random.normal(jax.random.key(1), (*kernel, c_in, c_out)) * 0.1
-        out = F.output_spatial(size, geometry["pads"], kernel, geometry["stride"], geometry["dilation"])
-        g = jax.random.normal(jax.random.key(2), (batch, *out, c_out))
+        geometry, x, w, g = layer_arrays(batch, size, kernel, c_in, c_out, stride, pad)
         xla = lambda x, w: F._xla_conv(x, w, geometry["stride"], geometry["pads"], geometry["dilation"], 1, None)
         parts = {
             "forward": (compiler.jit(xla), jax.jit(lambda x, w: onednn_conv.conv(x, w, **geometry)), (x, w)),

@@ -8,7 +8,8 @@ folder, for Perfetto or TensorBoard). Each op's events are summed over every thr
 steps, and grouped by kind (the op name without its number: `transpose_copy_fusion`, `ynn_fusion`, ...). On XLA:CPU
 the trace marks fusions and library calls but not the work of XLA's own (Eigen) convolution kernels, which runs
 unmarked on the pool's threads: "unmarked" is the threads' time (cores x wall) less the marked ops, that is the
-convolutions and any idle time together. Times are thread-time, so they add up to more than the wall time.
+convolutions and any idle time together (oneDNN's convolutions, where jaxconv.onednn_conv runs them, are marked:
+`ffi_call`). Times are thread-time, so they add up to more than the wall time.
 """
 import argparse
 import collections
@@ -68,15 +69,16 @@ def main():
     for name, us in op_times(trace_dir).items():
         kinds[re.sub(r"\.\d+$", "", name)] += us / args.steps / 1e3
     cores = os.cpu_count() if jax.default_backend() == "cpu" else 1
+    thread_ms = cores * wall * 1e3
+    top = kinds.most_common(args.top)
     marked = sum(kinds.values())
     print(f"{args.model} {args.mode} batch {args.batch} on {jax.devices()[0].device_kind}: "
-          f"{wall * 1e3:.2f} ms a step (untraced), {cores} cores = {cores * wall * 1e3:.2f} thread-ms")
-    for kind, ms in kinds.most_common(args.top):
-        print(f"  {kind:32s} {ms:9.2f} thread-ms  {ms / (cores * wall * 1e3):6.1%}")
-    print(f"  {'(other marked ops)':32s} {marked - sum(ms for _, ms in kinds.most_common(args.top)):9.2f} thread-ms")
-    unmarked = cores * wall * 1e3 - marked
-    share = unmarked / (cores * wall * 1e3)
-    print(f"  {'unmarked: Eigen convolutions, idle':32s} {unmarked:9.2f} thread-ms  {share:6.1%}")
+          f"{wall * 1e3:.2f} ms a step (untraced), {cores} cores = {thread_ms:.2f} thread-ms")
+    for kind, ms in top:
+        print(f"  {kind:32s} {ms:9.2f} thread-ms  {ms / thread_ms:6.1%}")
+    print(f"  {'(other marked ops)':32s} {marked - sum(ms for _, ms in top):9.2f} thread-ms")
+    unmarked = thread_ms - marked
+    print(f"  {'unmarked: Eigen convolutions, idle':32s} {unmarked:9.2f} thread-ms  {unmarked / thread_ms:6.1%}")
     print(f"trace: {trace_dir}")
 
 
