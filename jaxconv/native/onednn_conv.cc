@@ -207,13 +207,13 @@ ffi::Error WeightGrad(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyB
   return Run(Kind::kWeightGrad, g, x.untyped_data(), dy.untyped_data(), dw->untyped_data());
 }
 
-#define JAXCONV_BIND(first, second, result)                                                    \
+#define JAXCONV_BINDING                                                                         \
   ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()            \
       .Attr<ffi::Span<const int64_t>>("strides").Attr<ffi::Span<const int64_t>>("dilations")   \
       .Attr<ffi::Span<const int64_t>>("pads_lo").Attr<ffi::Span<const int64_t>>("pads_hi")
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnConv, Conv, JAXCONV_BIND(x, w, y));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnInputGrad, InputGrad, JAXCONV_BIND(dy, w, dx));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnWeightGrad, WeightGrad, JAXCONV_BIND(x, dy, dw));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnConv, Conv, JAXCONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnInputGrad, InputGrad, JAXCONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnWeightGrad, WeightGrad, JAXCONV_BINDING);
