@@ -288,7 +288,7 @@ def conv(x, w, b=None, *, stride=1, padding: Padding = "VALID", dilation=1, grou
     _check_bias(b, w.shape[-1], fn=fn)
     dtype = jnp.result_type(x, w)  # promote mixed precisions, as Flax does
     x, w = x.astype(dtype), w.astype(dtype)
-    if groups == 1 and _onednn_conv().runs(x, w, pads):  # oneDNN's kernels on a CPU (jaxconv.onednn)
+    if groups == 1 and _onednn_conv().runs(x, w, stride=stride, pads=pads, dilation=dilation):  # oneDNN's, a CPU
         y = _onednn_conv().conv(x, w, stride=stride, pads=pads, dilation=dilation, precision=precision)
     elif groups == 1 and any(cpu_kernels(x.shape, w.shape, stride, pads, dilation)):
         y = _cpu_conv(x, w, stride, pads, dilation, precision)

@@ -106,7 +106,7 @@ def conv_vjp(g, x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups: 
         g_x = g.astype(x.dtype)
         dx = grouped.input_grad(g_x, w, x.shape, precision=precision, **geometry)
         dw = grouped.weight_grad(x, g_x, w.shape[:n], group_channels=w.shape[-2], precision=precision, **geometry)
-    elif groups == 1 and onednn_conv.runs(x, w, pads):  # oneDNN's kernels on a CPU, as autodiff of F.conv
+    elif groups == 1 and onednn_conv.runs(x, w, **geometry):  # oneDNN's kernels on a CPU, as autodiff of F.conv
         g_x = g.astype(x.dtype)
         dx = onednn_conv.input_grad(g_x, w, in_spatial, precision=precision, **geometry)
         dw = onednn_conv.weight_grad(x, g_x, w.shape[:n], precision=precision, **geometry)

@@ -3,103 +3,143 @@
 XLA:CPU runs a convolution with Eigen's kernels and, for the weight gradient, behind two layout transposes of the
 activations; those convolutions hold 67-92 % of a ResNet's step on a CPU (``benchmarks/step_profile.py``). PyTorch
 runs oneDNN's. ``jaxconv/native/onednn_conv.cc`` calls oneDNN's forward, input-gradient and weight-gradient
-convolutions on jaxconv's channels-last arrays; this module builds it once per machine against the oneDNN of the
-``onednn-devel-cpu-gomp`` package (a dependency on Linux x86-64) and jaxlib's FFI headers, with the system's C++
-compiler, into jaxconv's cache folder (``~/.cache/jaxconv/native`` or ``$JAXCONV_DATA/native``), and registers its
-three handlers with XLA for the CPU platform. ``jaxconv.dense`` lowers one-group convs to them on a CPU.
+convolutions on jaxconv's channels-last arrays. The package build compiles it (``setup.py``: an optional extension,
+against the headers of ``onednn-devel-cpu-gomp`` and jaxlib's FFI headers) into ``jaxconv/_onednn_conv*.so``; this
+module loads it with the ``libdnnl.so.3`` of ``onednn-cpu-gomp`` (``pip install 'jaxconv[onednn]'``) and registers
+its three handlers with XLA for the CPU platform, once per process. Nothing is compiled here.
 
-Nothing depends on it: where the package, the compiler or the build is missing, or ``JAXCONV_ONEDNN=0`` is set,
-:func:`status` says why and convolutions stay XLA's.
+Nothing depends on it: where the library was not built, oneDNN is not installed, the CPU is not x86-64, or
+``JAXCONV_ONEDNN=0`` is set, :func:`status` says why, one log line says it once (not for ``JAXCONV_ONEDNN=0``, the
+user's own choice), and convolutions stay XLA's. Where the library loads, :func:`builds` asks oneDNN, once per
+geometry and dtype, whether it can build that conv's primitives on this CPU (bfloat16 needs AVX-512 in oneDNN 3.2);
+where it cannot, that conv is XLA's.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
+import glob
 import importlib.metadata
+import logging
 import os
-import shutil
-import subprocess
-import tempfile
+import platform
 
 import jax
+import numpy as np
 
 from jaxconv.compiler import switched_off
+from jaxconv.native import locate
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "onednn_conv.cc")
-PACKAGE = "onednn-devel-cpu-gomp"  # headers; it requires onednn-cpu-gomp, the library
-# the custom-call names jaxconv.dense lowers to, and the handler symbols the library exports
+FOLDER = os.path.dirname(os.path.abspath(__file__))
+# the custom-call names jaxconv.onednn_conv lowers to, and the handler symbols the library exports
 TARGETS = {"jaxconv_onednn_conv": "JaxconvOnednnConv", "jaxconv_onednn_input_grad": "JaxconvOnednnInputGrad",
            "jaxconv_onednn_weight_grad": "JaxconvOnednnWeightGrad"}
+DTYPE_CODES = {"float32": 0, "bfloat16": 1}
+HOW = "pip install 'jaxconv[onednn]' with a C++ compiler (g++) present"
+log = logging.getLogger("jaxconv")
 
 
 def available() -> bool:
-    """Whether oneDNN's convolutions are registered with XLA for the CPU (built and loaded on the first call)."""
+    """Whether oneDNN's convolutions are registered with XLA for the CPU (loaded on the first call)."""
     return status()[0]
+
+
+def library_path() -> str | None:
+    """The library the package build compiled, or ``None`` where it did not."""
+    found = sorted(glob.glob(os.path.join(FOLDER, "_onednn_conv*.so")))
+    return found[0] if found else None
 
 
 @functools.cache
 def status() -> tuple[bool, str]:
-    """``(True, path of the built library)`` or ``(False, why not)``; builds and registers once per process."""
+    """``(True, path of the loaded library)`` or ``(False, why not)``; loads and registers once per process, and
+    logs the reason once where oneDNN was wanted but cannot run."""
+    ok, why = _load()
+    if not ok and why != "JAXCONV_ONEDNN is off":
+        log.warning("jaxconv: convolutions are XLA's, not oneDNN's (%s); for oneDNN's: %s, or set JAXCONV_ONEDNN=0 "
+                    "to silence this", why, HOW)
+    return ok, why
+
+
+def _load() -> tuple[bool, str]:
     if switched_off(os.environ.get("JAXCONV_ONEDNN")):
         return False, "JAXCONV_ONEDNN is off"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False, f"oneDNN's library is built for Linux x86-64 only, not {platform.system()} {platform.machine()}"
+    path = library_path()
+    if path is None:
+        return False, "jaxconv was installed without its oneDNN library (no C++ compiler or no oneDNN headers then)"
     try:
-        include, lib = locate()
+        ctypes.CDLL(locate.library(), mode=ctypes.RTLD_GLOBAL)  # the library's libdnnl.so.3, by soname
     except LookupError as err:
         return False, str(err)
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        return False, "no C++ compiler: set CXX or install g++"
+    except OSError as err:
+        return False, f"loading {locate.SONAME} failed: {err}"
     try:
-        path = build(cxx, include, lib)
-        library = ctypes.cdll.LoadLibrary(path)
+        library = ctypes.CDLL(path)
+        library.JaxconvBuiltWith.restype = ctypes.c_char_p
+        built_with = library.JaxconvBuiltWith().decode()
+        running = importlib.metadata.version("jaxlib")
+        if _older(running, built_with):
+            return False, (f"{os.path.basename(path)} was built against jaxlib {built_with}, newer than this "
+                           f"jaxlib {running}; reinstall jaxconv")
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    except (OSError, subprocess.SubprocessError, AttributeError) as err:
-        return False, f"building or loading {os.path.basename(SOURCE)} failed: {err}"
+    except (OSError, AttributeError) as err:
+        return False, f"loading {os.path.basename(path)} failed: {err}"
+    _LIBRARY.append(library)
     return True, path
 
 
-def locate() -> tuple[str, str]:
-    """The include folder holding ``oneapi/dnnl/dnnl.hpp`` and the folder holding ``libdnnl.so``, from the
-    installed packages' file lists. Raises LookupError naming what is missing."""
+_LIBRARY: list = []  # the loaded library, for builds()
+
+
+def _older(version: str, than: str) -> bool:
+    def numbers(v):
+        return tuple(int(p) for p in v.split(".")[:3] if p.isdigit())
+    return than != "unknown" and numbers(version) < numbers(than)
+
+
+def builds(dtype, x_shape, w_shape, y_shape, stride, dilation, pads) -> bool:
+    """Whether oneDNN builds this conv's forward, input-gradient and weight-gradient primitives on this CPU (asked
+    once per geometry and dtype). False where oneDNN is not loaded."""
+    name = np.dtype(dtype).name
+    if name not in DTYPE_CODES or not available():
+        return False
+    return _builds(name, tuple(map(int, x_shape)), tuple(map(int, w_shape)), tuple(map(int, y_shape)),
+                   tuple(map(int, stride)), tuple(map(int, dilation)), tuple((int(lo), int(hi)) for lo, hi in pads))
+
+
+@functools.cache
+def _builds(dtype: str, x_shape, w_shape, y_shape, stride, dilation, pads) -> bool:
+    arrays = [np.asarray(v, np.int64) for v in (x_shape, w_shape, y_shape, stride, dilation,
+                                                [lo for lo, _ in pads], [hi for _, hi in pads])]
+    pointers = [a.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)) for a in arrays]
+    return bool(_LIBRARY[0].JaxconvOnednnBuilds(DTYPE_CODES[dtype], len(stride), *pointers))
+
+
+def describe() -> str:
+    """One line naming the CPU convolution kernels this process runs: oneDNN's (with its version and the dtypes
+    this CPU builds) or XLA's, and why."""
+    ok, why = status()
+    if not ok:
+        return f"XLA (oneDNN: {why})"
+    version = _onednn_version()
+    probe = dict(x_shape=(1, 4, 4, 8), w_shape=(3, 3, 8, 8), y_shape=(1, 4, 4, 8), stride=(1, 1), dilation=(1, 1),
+                 pads=((1, 1), (1, 1)))
+    dtypes = [d for d in DTYPE_CODES if builds(d, **probe)]
+    missing = [d for d in DTYPE_CODES if d not in dtypes]
+    return (f"oneDNN {version} for one-group 2-D/3-D convs ({', '.join(dtypes) or 'no dtype'}"
+            + (f"; {', '.join(missing)} not on this CPU: XLA's" if missing else "") + "), XLA's for the rest")
+
+
+def _onednn_version() -> str:
+    class Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int)]
     try:
-        headers = importlib.metadata.distribution(PACKAGE)
-        library = importlib.metadata.distribution("onednn-cpu-gomp")
-    except importlib.metadata.PackageNotFoundError as err:
-        raise LookupError(f"{err.name} is not installed (pip install {PACKAGE}, Linux x86-64)") from None
-    hpp = [f for f in headers.files or () if str(f).replace(os.sep, "/").endswith("include/oneapi/dnnl/dnnl.hpp")]
-    so = [f for f in library.files or () if os.path.basename(str(f)) == "libdnnl.so.3"]
-    if not hpp or not so:
-        raise LookupError(f"{PACKAGE}'s header or onednn-cpu-gomp's libdnnl.so.3 is not where its file list says")
-    include = os.path.normpath(os.path.join(os.path.dirname(str(headers.locate_file(hpp[0]))), "..", ".."))
-    return include, os.path.normpath(os.path.dirname(str(library.locate_file(so[0]))))
-
-
-def build(cxx: str, include: str, lib: str) -> str:
-    """The compiled library's path, building it when no build of this source, oneDNN, jaxlib and compiler exists.
-    A build is written under a temporary name and renamed into place, so concurrent first calls (test workers)
-    and a process killed mid-build leave no half library."""
-    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", f"-I{include}",
-             SOURCE, f"-L{lib}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib}"]
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + repr((cxx, flags, jax.__version__)).encode()).hexdigest()[:16]
-    folder = _cache_folder()
-    path = os.path.join(folder, f"jaxconv_onednn_{key}.so")
-    if os.path.exists(path):
-        return path
-    os.makedirs(folder, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=".jaxconv_onednn_", suffix=".so", dir=folder)
-    os.close(fd)
-    try:
-        subprocess.run([cxx, *flags, "-o", partial], check=True, capture_output=True, timeout=300)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return path
-
-
-def _cache_folder() -> str:
-    from jaxconv.data import cache_dir
-    return os.path.join(cache_dir(), "native")
+        dnnl = ctypes.CDLL(locate.library())
+        dnnl.dnnl_version.restype = ctypes.POINTER(Version)
+        v = dnnl.dnnl_version().contents
+        return f"{v.major}.{v.minor}.{v.patch}"
+    except (OSError, AttributeError, LookupError):
+        return "(version unknown)"

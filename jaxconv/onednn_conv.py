@@ -8,10 +8,11 @@ and the hand-written backward (``grads.conv_vjp``) all run oneDNN's three kernel
 the custom call on a CPU and to XLA's convolutions elsewhere. ``jax.vmap`` over the batch of the data folds it into
 the batch; any other mapping runs XLA's convolutions under ``vmap``.
 
-:func:`runs` says when ``functional.conv`` takes this path: oneDNN built and loaded (:func:`jaxconv.onednn.status`),
-float32 or bfloat16, 2 or 3 spatial axes, no negative padding, a CPU as JAX's default backend (a GPU or TPU host
-builds nothing), and a process with one device (a custom call is not split across devices by XLA's partitioner; a
-mesh of several CPU devices keeps XLA's convolutions). 1-D convs stay
+:func:`runs` says when ``functional.conv`` takes this path: oneDNN loaded (:func:`jaxconv.onednn.status`), float32
+or bfloat16 where oneDNN builds the conv's primitives on this CPU (:func:`jaxconv.onednn.builds`; bfloat16 needs
+AVX-512 in oneDNN 3.2, so an AVX2-only CPU gets XLA's convolutions for it), 2 or 3 spatial axes, no negative padding,
+a CPU as JAX's default backend (a GPU or TPU host loads nothing), and a process with one device (a custom call is not
+split across devices by XLA's partitioner; a mesh of several CPU devices keeps XLA's convolutions). 1-D convs stay
 XLA's: through oneDNN, MNIST-1D's small ones made whole training steps slower (mnist1d_cnn 0.99 against 0.59 ms,
 mnist1d_deep 7.22 against 6.45 ms, batch 128, alternating in one process), though each layer alone ran 2-4x faster.
 """
@@ -35,11 +36,15 @@ DTYPES = (jnp.float32, jnp.bfloat16)
 _suspended = [0]
 
 
-def runs(x, w, pads) -> bool:
-    """Whether :func:`conv` runs oneDNN for a one-group conv of ``x`` and ``w`` with these resolved pads."""
-    return (not _suspended[0] and jnp.dtype(x.dtype) in DTYPES and x.dtype == w.dtype and 2 <= x.ndim - 2 <= 3
+def runs(x, w, *, stride, pads, dilation) -> bool:
+    """Whether :func:`conv` runs oneDNN for a one-group conv of ``x`` and ``w`` with these resolved options: also
+    whether oneDNN can build this geometry's primitives in this dtype on this CPU (:func:`jaxconv.onednn.builds`)."""
+    if not (not _suspended[0] and jnp.dtype(x.dtype) in DTYPES and x.dtype == w.dtype and 2 <= x.ndim - 2 <= 3
             and all(lo >= 0 and hi >= 0 for lo, hi in pads) and jax.default_backend() == "cpu"
-            and jax.device_count() == 1 and onednn.available())
+            and jax.device_count() == 1 and onednn.available()):
+        return False
+    out = F.output_spatial(x.shape[1:-1], pads, w.shape[:x.ndim - 2], stride, dilation)
+    return onednn.builds(x.dtype, x.shape, w.shape, (x.shape[0], *out, w.shape[-1]), stride, dilation, pads)
 
 
 @contextlib.contextmanager

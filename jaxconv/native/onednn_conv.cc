@@ -8,6 +8,10 @@
 //   jaxconv_onednn_input_grad(g, w) -> dx        (the shape of dx is the result's)
 //   jaxconv_onednn_weight_grad(x, g) -> dw       (the shape of dw is the result's)
 //
+// JaxconvOnednnBuilds (a plain C function, called through ctypes before a conv is traced) says whether oneDNN can
+// build all three primitives of one geometry on this CPU: bfloat16 needs AVX-512 (or AVX2-VNNI-2) in oneDNN 3.2, so on
+// an AVX2-only CPU it cannot, and jaxconv lowers that conv to XLA's instead of failing at run time.
+//
 // Each primitive is built once per geometry and kept (oneDNN picks its kernels when it is built); the weights are
 // reordered into the layout the primitive prefers on each call (they are small beside the activations), and each
 // call has its own scratchpad, since XLA may run independent custom calls on several threads at once.
@@ -115,6 +119,24 @@ memory::dims Kernel(ffi::Span<const int64_t> shape) {
   return d;
 }
 
+// Fills everything of g but its dtype: layouts, oneDNN's logical dims, options (oneDNN counts a dilation's gaps).
+void Describe(size_t spatial, ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
+              ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilations, ffi::Span<const int64_t> pads_lo,
+              ffi::Span<const int64_t> pads_hi, Geometry* g) {
+  static const tag acts[] = {tag::nwc, tag::nhwc, tag::ndhwc};
+  static const tag kernels[] = {tag::wio, tag::hwio, tag::dhwio};
+  g->act = acts[spatial - 1];
+  g->plain_weights = kernels[spatial - 1];
+  g->src = Activation(x);
+  g->weights = Kernel(w);
+  g->dst = Activation(y);
+  g->strides.assign(strides.begin(), strides.end());
+  g->pads_lo.assign(pads_lo.begin(), pads_lo.end());
+  g->pads_hi.assign(pads_hi.begin(), pads_hi.end());
+  g->dilations.clear();
+  for (auto d : dilations) g->dilations.push_back(d - 1);
+}
+
 ffi::Error MakeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, const ffi::AnyBuffer& y,
                         ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilations,
                         ffi::Span<const int64_t> pads_lo, ffi::Span<const int64_t> pads_hi, Geometry* g) {
@@ -132,18 +154,7 @@ ffi::Error MakeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, const 
     case ffi::DataType::BF16: g->dtype = memory::data_type::bf16; break;
     default: return ffi::Error::InvalidArgument("jaxconv oneDNN conv: float32 or bfloat16 only");
   }
-  static const tag acts[] = {tag::nwc, tag::nhwc, tag::ndhwc};
-  static const tag kernels[] = {tag::wio, tag::hwio, tag::dhwio};
-  g->act = acts[spatial - 1];
-  g->plain_weights = kernels[spatial - 1];
-  g->src = Activation(x.dimensions());
-  g->weights = Kernel(w.dimensions());
-  g->dst = Activation(y.dimensions());
-  g->strides.assign(strides.begin(), strides.end());
-  g->pads_lo.assign(pads_lo.begin(), pads_lo.end());
-  g->pads_hi.assign(pads_hi.begin(), pads_hi.end());
-  g->dilations.clear();
-  for (auto d : dilations) g->dilations.push_back(d - 1);  // oneDNN counts the gaps
+  Describe(spatial, x.dimensions(), w.dimensions(), y.dimensions(), strides, dilations, pads_lo, pads_hi, g);
   return ffi::Error::Success();
 }
 
@@ -213,6 +224,33 @@ ffi::Error WeightGrad(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyB
       .Attr<ffi::Span<const int64_t>>("pads_lo").Attr<ffi::Span<const int64_t>>("pads_hi")
 
 }  // namespace
+
+// 1 when oneDNN builds the forward, input-gradient and weight-gradient primitives of this geometry (they are then
+// cached for the calls), 0 when it cannot. dtype: 0 float32, 1 bfloat16. Shapes in jaxconv's layouts, rank
+// spatial + 2; strides, dilations (1 = none) and pads one per spatial axis.
+extern "C" int JaxconvOnednnBuilds(int dtype, int spatial, const int64_t* x, const int64_t* w, const int64_t* y,
+                                   const int64_t* strides, const int64_t* dilations, const int64_t* pads_lo,
+                                   const int64_t* pads_hi) {
+  if (spatial < 1 || spatial > 3 || dtype < 0 || dtype > 1) return 0;
+  size_t n = static_cast<size_t>(spatial), rank = n + 2;
+  using S = ffi::Span<const int64_t>;
+  Geometry g;
+  g.dtype = dtype == 0 ? memory::data_type::f32 : memory::data_type::bf16;
+  Describe(n, S(x, rank), S(w, rank), S(y, rank), S(strides, n), S(dilations, n), S(pads_lo, n), S(pads_hi, n), &g);
+  try {
+    for (Kind kind : {Kind::kForward, Kind::kInputGrad, Kind::kWeightGrad}) Cached(kind, g);
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+  return 1;
+}
+
+#ifndef JAXCONV_JAXLIB
+#define JAXCONV_JAXLIB "unknown"
+#endif
+
+// The jaxlib whose FFI headers this library was compiled against (set by the package build).
+extern "C" const char* JaxconvBuiltWith() { return JAXCONV_JAXLIB; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnConv, Conv, JAXCONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnInputGrad, InputGrad, JAXCONV_BINDING);
