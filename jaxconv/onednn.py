@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
+import importlib.machinery
 import importlib.metadata
 import logging
 import os
@@ -45,9 +45,12 @@ def available() -> bool:
 
 
 def library_path() -> str | None:
-    """The library the package build compiled, or ``None`` where it did not."""
-    found = sorted(glob.glob(os.path.join(FOLDER, "_onednn_conv*.so")))
-    return found[0] if found else None
+    """The library the package build compiled for this interpreter, or ``None`` where it did not."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(FOLDER, f"_onednn_conv{suffix}")
+        if os.path.exists(path):
+            return path
+    return None
 
 
 @functools.cache
