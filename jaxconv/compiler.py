@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 
 import jax
+import numpy as np
 
 CPU_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
@@ -113,8 +113,7 @@ def enable_compilation_cache(folder: str | None = None) -> str | None:
     The ``jaxconv`` command calls it; a script may. It changes nothing when the user chose a cache already
     (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config.jax_compilation_cache_dir``) or when
     ``JAXCONV_COMPILATION_CACHE=0``. Entries are kept whatever their compile time (JAX's default skips those
-    under a second, which is most of jaxconv's steps on a CPU), and written whole or not at all
-    (:func:`write_entries_whole`). Returns the folder in use, or ``None``."""
+    under a second, which is most of jaxconv's steps on a CPU). Returns the folder in use, or ``None``."""
     value = os.environ.get("JAXCONV_COMPILATION_CACHE")
     if switched_off(value):
         return None
@@ -131,55 +130,15 @@ def enable_compilation_cache(folder: str | None = None) -> str | None:
 
 
 def use_compilation_cache(folder: str) -> None:
-    """JAX's persistent compilation cache in ``folder``, keeping every program whatever its compile time and size,
-    each entry written whole or not at all."""
-    write_entries_whole()
+    """JAX's persistent compilation cache in ``folder``, keeping every program whatever its compile time and size.
+
+    JAX writes an entry straight to its final name: a process killed during that write leaves a truncated entry,
+    which later runs report ("Error reading persistent compilation cache entry") and compile again, never replacing
+    it. jaxconv keeps JAX's behaviour (docs/upstream.md says how to reproduce it and what would mend it upstream):
+    a torn entry costs a compile, never a wrong result."""
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-
-
-def write_entries_whole() -> bool:
-    """Make JAX's file cache write each compiled program to a temporary file and rename it into place.
-
-    JAX writes an entry straight to its final name (``jax._src.lru_cache.LRUCache.put``): a process killed during
-    that write (SIGKILL, a lost machine) leaves a truncated entry that JAX never replaces, so every later run warns
-    "Error reading persistent compilation cache entry ... truncated stream" and compiles that program again. With a
-    rename, readers see the whole entry or none. Applied once per process, to local folders without JAX's eviction
-    (jaxconv sets none); elsewhere, and where this JAX's cache has another shape, JAX's own writes are kept.
-    Returns whether it is in force."""
-    try:
-        from jax._src import lru_cache
-    except ImportError:
-        return False
-    cache, suffix = getattr(lru_cache, "LRUCache", None), getattr(lru_cache, "_CACHE_SUFFIX", None)
-    put = getattr(cache, "put", None)
-    if put is None or not isinstance(suffix, str):
-        return False
-    if getattr(put, "_jaxconv_whole", False):
-        return True
-
-    @functools.wraps(put)
-    def whole_put(self, key, value):
-        folder = str(getattr(self, "path", ""))
-        if getattr(self, "eviction_enabled", True) or not key or "://" in folder or not os.path.isdir(folder):
-            return put(self, key, value)
-        final = os.path.join(folder, f"{key}{suffix}")
-        if os.path.exists(final):  # as JAX: an entry is never re-written
-            return None
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(value)
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return None
-
-    whole_put._jaxconv_whole = True
-    cache.put = whole_put
-    return True
 
 
 def switched_off(value: str | None) -> bool:
@@ -191,34 +150,64 @@ def nnx_jit(fun=None, **kwargs):
     """``flax.nnx.jit`` with :func:`compiler_options` added: a drop-in for NNX training loops (in-place updates of
     modules and ``nnx.Optimizer`` work as with ``nnx.jit``). Exported as ``jaxconv.jit``.
 
-    ``nnx.jit`` takes no ``compiler_options``; it builds its ``jax.jit`` when it wraps ``fun``. While it does,
-    flax's reference to ``jax`` is replaced by one whose ``jit`` adds the options (nothing else changes, and
-    nothing outside that one construction sees it). Also a decorator with arguments: ``@jaxconv.jit(donate_argnums=0)``.
-    """
+    ``nnx.jit`` takes no ``compiler_options``, so this is NNX's own functional pattern around ``jax.jit``: the
+    arguments are split into a graph definition (static) and their state (traced) with ``nnx.split``, merged back
+    inside the compiled function, which returns the new state of the arguments with its result; ``nnx.update``
+    writes that state back into the caller's modules. Only public flax and jax names. Also a decorator with
+    arguments: ``@jaxconv.jit(donate_argnums=0)``; ``static_argnums`` and ``donate_argnums`` count the arguments as
+    ``jax.jit`` does."""
     from flax import nnx
     if fun is None:
         return lambda f: nnx_jit(f, **kwargs)
     options = {**compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
     if not options:
         return nnx.jit(fun, **kwargs)
-    from flax.nnx.transforms import compilation
-    real = compilation.jax
-    compilation.jax = _JaxWithOptions(real, options)
-    try:
-        return nnx.jit(fun, **kwargs)
-    finally:
-        compilation.jax = real
+    return _SplitJit(fun, options, **kwargs)
 
 
-class _JaxWithOptions:
-    """``jax`` itself, but ``jit`` passes ``compiler_options``."""
+class _SplitJit:
+    """``fun`` of NNX objects and arrays compiled by ``jax.jit`` with ``compiler_options`` (see :func:`nnx_jit`)."""
 
-    def __init__(self, module, options: dict):
-        self._module, self._options = module, options
+    def __init__(self, fun, options: dict, *, static_argnums=(), donate_argnums=()):
+        functools.update_wrapper(self, fun)
+        self._fun = fun
+        as_tuple = lambda v: (v,) if isinstance(v, int) else tuple(v)
+        self._static, self._donate = as_tuple(static_argnums), as_tuple(donate_argnums)
+        self._results: dict = {}  # the graph definition of (arguments, result), per input definition and statics
+        # (graph definition and static arguments), the donated arguments' state, the other arguments' state
+        self._jitted = jax.jit(self._pure, static_argnums=0, donate_argnums=1, compiler_options=options)
 
-    def jit(self, fun, **kwargs):
-        return self._module.jit(fun, compiler_options={**self._options, **(kwargs.pop("compiler_options", None) or {})},
-                                **kwargs)
+    def _pure(self, static, donated, kept):
+        from flax import nnx
+        graphdef, statics = static
+        traced = nnx.merge(graphdef, nnx.State({**donated, **kept}))
+        remaining, statics = iter(traced), dict(statics)
+        args = [statics[i] if i in statics else next(remaining) for i in range(len(traced) + len(statics))]
+        result = self._fun(*args)
+        result_def, result_state = nnx.split((traced, result))
+        self._results[static] = result_def
+        return result_state
 
-    def __getattr__(self, name):
-        return getattr(self._module, name)
+    def __call__(self, *args):
+        from flax import nnx
+        statics = tuple((i, args[i]) for i in self._static)
+        positions = [i for i in range(len(args)) if i not in self._static]
+        traced = tuple(args[i] for i in positions)
+        graphdef, state = nnx.split(traced)
+        donated = {k: v for k, v in state.items() if positions[k] in self._donate}
+        kept = {k: v for k, v in state.items() if positions[k] not in self._donate}
+        static = (graphdef, statics)
+        new_state = self._jitted(static, donated, kept)
+        new_traced, result = nnx.merge(self._results[static], new_state)
+        _write_back(traced, new_traced)
+        return result
+
+
+def _write_back(old, new) -> None:
+    """The compiled function's state of each argument written into the caller's objects (arrays are values)."""
+    from flax import nnx
+    if isinstance(old, tuple):
+        for o, n in zip(old, new):
+            _write_back(o, n)
+    elif not isinstance(old, (jax.Array, np.ndarray, np.generic, int, float, complex, bool, str, type(None))):
+        nnx.update(old, nnx.state(new))

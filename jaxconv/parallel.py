@@ -13,21 +13,24 @@ writes the run folder's files; checkpoints go through Orbax, which every process
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
-import threading
 import time
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxconv.heartbeat import Heartbeat
+
 AXIS = "data"
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int, *, silence_s: float = 10.0) -> None:
     """Join a multi-process run: ``jax.distributed.initialize``, gloo collectives on CPU, and a watchdog that
-    stops this process with one line naming a peer silent for ``silence_s`` seconds.
+    stops this process with one line naming a peer silent for ``silence_s`` seconds (:mod:`jaxconv.heartbeat`,
+    through the coordinator's host at the coordinator's port + 1).
 
     JAX's own heartbeat (set to ``6 * silence_s``; it declares a task dead after about 60 % of that) stays as
     the backstop: it aborts with a native stack trace, so the watchdog must speak first. When process 0 is
@@ -42,7 +45,9 @@ def initialize(coordinator: str, num_processes: int, process_id: int, *, silence
     jax.distributed.initialize(coordinator, num_processes, process_id,
                                heartbeat_timeout_seconds=int(6 * silence_s), initialization_timeout=120)
     if num_processes > 1:
-        _WATCHDOG.append(_Watchdog(process_id, num_processes, silence_s))
+        host, port = coordinator.rsplit(":", 1)
+        _WATCHDOG.append(Heartbeat(process_id, num_processes, host.strip("[]"), int(port) + 1, silence_s,
+                                   functools.partial(_lost, process_id, num_processes)))
         _WATCHDOG[-1].start()
 
 
@@ -54,54 +59,8 @@ def shutdown() -> None:
     if jax.process_count() > 1:
         sync("shutdown")
         for dog in _WATCHDOG:
-            dog.done.set()
+            dog.stop()
         jax.distributed.shutdown()
-
-
-class _Watchdog(threading.Thread):
-    """Every second, each process stamps its heartbeat in the coordination service's key-value store and
-    reads its peers'. A peer silent for ``limit`` seconds ends this process with one line naming it and exit
-    status 1; so does losing the coordination service itself (process 0 gone)."""
-
-    def __init__(self, me: int, count: int, limit: float):
-        super().__init__(daemon=True, name="jaxconv-watchdog")
-        self.me, self.count, self.limit = me, count, limit
-        self.done = threading.Event()
-
-    def run(self):
-        from jax._src import distributed
-        client = distributed.global_state.client
-        start = time.monotonic()
-        heard = {p: start for p in range(self.count) if p != self.me}  # when each peer's stamp last changed
-        stamps: dict[int, str | None] = {p: None for p in heard}
-        reached = start  # when the coordination service last answered
-        beat = 0
-        while not self.done.wait(1.0):
-            beat += 1
-            now = time.monotonic()
-            try:
-                client.key_value_set(f"jaxconv/alive/{self.me}", str(beat), allow_overwrite=True)
-                for peer in heard:
-                    stamp = _try_get(client, f"jaxconv/alive/{peer}")  # None until the peer's first stamp
-                    if stamp != stamps[peer]:
-                        stamps[peer], heard[peer] = stamp, now
-                reached = now
-            except Exception:  # noqa: BLE001 - the service did not answer; gone only if it stays so
-                if self.me != 0 and now - reached > self.limit and not self.done.is_set():
-                    _lost(self.me, self.count, 0, f"its coordination service has not answered for {now - reached:.0f} s")
-                continue
-            for peer, last in heard.items():
-                if now - last > self.limit and not self.done.is_set():
-                    _lost(self.me, self.count, peer, f"no heartbeat for {now - last:.0f} s")
-
-
-def _try_get(client, key: str):
-    try:
-        return client.key_value_try_get(key)
-    except Exception as err:  # noqa: BLE001
-        if "NOT_FOUND" in str(err) or "not found" in str(err).lower():
-            return None
-        raise
 
 
 def failed_collective(err: BaseException) -> str | None:

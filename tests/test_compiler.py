@@ -118,10 +118,9 @@ print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((32, 32))).sum()))
 """
 
 
-def test_a_cache_entry_cut_off_while_written_is_never_read(tmp_path):
-    """An entry is written whole or not at all: after a write that stopped part-way, the next process finds no
-    half entry (JAX's own writes leave one, which every later run warns about and compiles again), compiles,
-    and the one after reads what it wrote."""
+def test_a_cache_entry_cut_off_while_written_costs_a_compile_not_a_wrong_result(tmp_path):
+    """JAX writes each entry in place, so a write stopped part-way leaves a truncated entry (docs/upstream.md): the
+    runs after it warn, compile that program again and compute the same number; jaxconv patches nothing of JAX's."""
     import subprocess
     import sys
     folder = str(tmp_path / "xla")
@@ -131,13 +130,10 @@ def test_a_cache_entry_cut_off_while_written_is_never_read(tmp_path):
                                      capture_output=True, text=True, timeout=120)
     cut = run(1000)  # every entry here is 1.5-4 KB compressed
     assert "Error writing persistent compilation cache entry" in cut.stderr, cut.stderr[-2000:]
-    entries = lambda: sorted(n for n in os.listdir(folder) if n.endswith("-cache"))
-    assert all(os.path.getsize(os.path.join(folder, n)) > 1000 for n in entries())
     for _ in range(2):
         done = run(0)
-        assert done.returncode == 0 and "compilation cache" not in done.stderr, done.stderr[-2000:]
+        assert done.returncode == 0, done.stderr[-2000:]
         assert float(done.stdout) == float(cut.stdout or done.stdout)
-    assert entries() and not any(n.endswith(".tmp") for n in os.listdir(folder))
 
 
 def _nnx_step(jit):
@@ -187,3 +183,27 @@ def test_steps_per_dispatch_is_one_on_a_cpu_and_a_scan_on_accelerators():
     assert compiler.steps_per_dispatch("cpu") == 1
     assert compiler.steps_per_dispatch("gpu") == compiler.steps_per_dispatch("tpu") == 32
     assert compiler.steps_per_dispatch() == (1 if jax.default_backend() == "cpu" else 32)
+
+
+def test_jaxconv_jit_donates_and_keeps_static_arguments_as_nnx_jit_does():
+    """Donated: the model's state only (the batch stays usable); a static argument selects its own program."""
+    from flax import nnx
+    import jaxconv
+    from jaxconv import functional as F
+    x = jax.random.normal(jax.random.key(1), (8, 40, 1))
+    y = jax.numpy.arange(8) % 10
+    results = {}
+    for name, jit in (("jaxconv", jaxconv.jit), ("nnx", nnx.jit)):
+        model = create_model("mnist1d_cnn")
+        opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+
+        @jit(static_argnums=3, donate_argnums=(0, 1))
+        def step(model, opt, x, scale, y):
+            loss, grads = nnx.value_and_grad(lambda m: scale * F.cross_entropy(m(x), y))(model)
+            opt.update(model, grads)
+            return loss
+
+        results[name] = [float(step(model, opt, x, s, y)) for s in (1.0, 2.0, 1.0)]
+        results[name].append(float(x.sum()))  # x was not donated
+        results[name].append(float(np.asarray(model.layers[0].kernel[...]).sum()))
+    np.testing.assert_allclose(results["jaxconv"], results["nnx"], rtol=1e-5)
